@@ -1,0 +1,129 @@
+"""One settings model for every service, read from `POSTBACK_*` environment variables."""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SERVICES = ("ingress", "routing", "settlement", "owner-adapter", "delivery", "projection")
+ServiceName = Literal["ingress", "routing", "settlement", "owner-adapter", "delivery", "projection"]
+
+# Each service's HTTP port when several run on one host (the embedded stack); in a container
+# every service listens on `POSTBACK_HTTP_PORT`.
+DEFAULT_PORTS: dict[str, int] = {
+    "ingress": 8080,
+    "owner-adapter": 8081,
+    "routing": 8082,
+    "settlement": 8083,
+    "delivery": 8084,
+    "projection": 8085,
+}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="POSTBACK_", extra="ignore")
+
+    # Infrastructure
+    kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers.")
+    database_url: str = Field(
+        "postgresql://postgres@127.0.0.1:5432/postback", description="PostgreSQL DSN."
+    )
+    topic_prefix: str = Field(
+        "", description="Prefix for every topic name, to share one Kafka cluster between stacks."
+    )
+    topic_partitions: int = Field(12, ge=1, description="Partitions of each topic created.")
+    topic_replication: int = Field(1, ge=1, description="Replication factor of topics created.")
+    db_pool_min: int = Field(2, ge=1)
+    db_pool_max: int = Field(10, ge=1)
+    migrate_on_start: bool = Field(True, description="Run the service's migrations at start.")
+
+    # HTTP
+    http_host: str = Field("127.0.0.1", description="Address each service's HTTP server binds.")
+    http_port: int | None = Field(None, description="Port; defaults to the service's own port.")
+    public_url: str = Field("http://127.0.0.1:8080", description="Public base URL of ingress.")
+    callback_url: str = Field(
+        "http://127.0.0.1:8081", description="Public base URL of owner-adapter (callbacks)."
+    )
+
+    # Secrets
+    operator_token: SecretStr = Field(
+        SecretStr(""), description="Token for operator actions; empty disables them."
+    )
+    secret_key: SecretStr = Field(
+        SecretStr("dev-only-insecure-key-change-me"),
+        description="Master key from which webhook and API signing secrets are derived.",
+    )
+
+    # Consumers
+    consumer_max_records: int = Field(500, ge=1)
+    handler_retries: int = Field(3, ge=0, description="Attempts before an event goes to the DLQ.")
+    shutdown_grace_seconds: float = Field(20.0, gt=0)
+
+    # Owner-adapter
+    owner_timeout_seconds: float = Field(30.0, gt=0, description="Per-request HTTP timeout.")
+    owner_max_attempts: int = Field(3, ge=1)
+    default_max_duration_seconds: int = Field(300, ge=1)
+    dispatch_concurrency: int = Field(64, ge=1)
+
+    # Delivery
+    delivery_concurrency: int = Field(64, ge=1)
+    delivery_timeout_seconds: float = Field(15.0, gt=0)
+    retry_schedule: str = Field(
+        "0,5,300,1800,7200,18000,36000,36000",
+        description="Seconds before each delivery attempt, comma separated.",
+    )
+    allowed_networks: str = Field(
+        "", description="Comma-separated CIDRs outbound requests may reach despite the SSRF guard."
+    )
+
+    # Settlement
+    platform_fee_bps: int = Field(1000, ge=0, le=10000)
+
+    # Observability
+    log_level: str = Field("INFO")
+    otel_exporter_endpoint: str = Field("", description="OTLP/HTTP endpoint; empty: no export.")
+
+    @field_validator("retry_schedule")
+    @classmethod
+    def _schedule_is_numbers(cls, v: str) -> str:
+        try:
+            steps = [float(s) for s in v.split(",") if s.strip()]
+        except ValueError as e:
+            raise ValueError("retry_schedule must be comma-separated seconds") from e
+        if not steps or any(s < 0 for s in steps):
+            raise ValueError("retry_schedule needs at least one non-negative number")
+        return v
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _networks_parse(cls, v: str) -> str:
+        for cidr in filter(None, (s.strip() for s in v.split(","))):
+            ipaddress.ip_network(cidr, strict=False)
+        return v
+
+    @property
+    def retry_delays(self) -> list[float]:
+        return [float(s) for s in self.retry_schedule.split(",") if s.strip()]
+
+    @property
+    def allowed_network_list(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [
+            ipaddress.ip_network(s.strip(), strict=False)
+            for s in self.allowed_networks.split(",")
+            if s.strip()
+        ]
+
+    def port_for(self, service: str) -> int:
+        return self.http_port or DEFAULT_PORTS[service]
+
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,187 @@
+"""Applying events from Kafka, effectively once.
+
+A batch of records is applied in one Postgres transaction: the event ids go into the inbox (so a
+redelivered event is recognised and skipped), the handlers' effects and the events they emit
+(outbox) commit with them, and only then is the Kafka offset committed. If the batch fails, each
+event is retried on its own; one that keeps failing goes to the DLQ with its error, so no
+partition is ever stuck behind it. A lost database connection is not the event's fault: that is
+retried until the database is back, holding the partition rather than dead-lettering good events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import structlog
+from aiokafka import AIOKafkaProducer, ConsumerRecord
+from opentelemetry.trace import SpanKind
+from pydantic import ValidationError
+
+from postback_libs.events import DLQ, CloudEvent, DeadLetterRecorded, EventData, new_event
+from postback_libs.logging import get_logger
+from postback_libs.metrics import EVENTS_CONSUMED, HANDLER_SECONDS
+from postback_libs.outbox import UnitOfWork
+from postback_libs.settings import Settings
+from postback_libs.telemetry import span_from
+
+log = get_logger(__name__)
+
+Handler = Callable[[CloudEvent, Any, UnitOfWork], Awaitable[None]]
+TRANSIENT = (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError)
+
+
+class Handlers:
+    """Which event types a consumer group reacts to, and how."""
+
+    def __init__(self, group: str, topic: str) -> None:
+        self.group, self.topic = group, topic
+        self.by_type: dict[str, Handler] = {}
+
+    def on(self, *models: type[EventData]) -> Callable[[Handler], Handler]:
+        def register(fn: Handler) -> Handler:
+            for model in models:
+                self.by_type[model.event_type] = fn
+            return fn
+
+        return register
+
+
+@dataclass
+class Decoded:
+    record: ConsumerRecord[bytes, bytes]
+    event: CloudEvent
+    payload: EventData
+
+
+def _header(record: ConsumerRecord[bytes, bytes], name: str) -> str | None:
+    for k, v in record.headers or ():
+        if k == name:
+            return v.decode()
+    return None
+
+
+class BatchApplier:
+    def __init__(
+        self,
+        handlers: Handlers,
+        pool: Any,
+        settings: Settings,
+        source: str,
+        producer: AIOKafkaProducer,
+        on_commit: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.handlers, self.pool, self.settings = handlers, pool, settings
+        self.source, self.producer, self.on_commit = source, producer, on_commit
+        self.group = handlers.group
+        self.stopping = False
+
+    async def apply(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
+        decoded: list[Decoded] = []
+        for record in records:
+            ce_type = _header(record, "ce_type")
+            if ce_type is not None and ce_type not in self.handlers.by_type:
+                EVENTS_CONSUMED.labels(self.group, ce_type, "ignored").inc()
+                continue
+            try:
+                event = CloudEvent.from_bytes(record.value or b"")
+                if event.type not in self.handlers.by_type:
+                    EVENTS_CONSUMED.labels(self.group, event.type, "ignored").inc()
+                    continue
+                decoded.append(Decoded(record, event, event.payload()))
+            except (ValidationError, ValueError, KeyError) as e:
+                await self.dead_letter(record, f"undecodable event: {e}", attempts=1)
+        if not decoded:
+            return
+        started = time.perf_counter()
+        try:
+            await self._apply_in_one_transaction(decoded)
+        except TRANSIENT:
+            await self._apply_one_by_one(decoded)
+        except Exception as e:  # a bad event or a bug: isolate it
+            log.warning("batch failed, applying events one by one", error=repr(e))
+            await self._apply_one_by_one(decoded)
+        HANDLER_SECONDS.labels(self.group).observe(time.perf_counter() - started)
+
+    async def _apply_in_one_transaction(self, batch: list[Decoded]) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            uow = UnitOfWork(conn, self.source, self.settings)
+            fresh = {
+                r["event_id"]
+                for r in await conn.fetch(
+                    "INSERT INTO inbox (consumer, event_id) SELECT $1, unnest($2::text[])"
+                    " ON CONFLICT DO NOTHING RETURNING event_id",
+                    self.group,
+                    [d.event.id for d in batch],
+                )
+            }
+            outcomes: list[tuple[str, str]] = []
+            for d in batch:
+                if d.event.id not in fresh:
+                    outcomes.append((d.event.type, "duplicate"))
+                    continue
+                fresh.discard(d.event.id)  # the same event twice in one batch: apply once
+                uow.position = (d.record.partition, d.record.offset)
+                await self._handle(d, uow)
+                outcomes.append((d.event.type, "applied"))
+            await uow.flush()
+        self.on_commit()
+        for type_, outcome in outcomes:
+            EVENTS_CONSUMED.labels(self.group, type_, outcome).inc()
+
+    async def _handle(self, d: Decoded, uow: UnitOfWork) -> None:
+        structlog.contextvars.bind_contextvars(event_id=d.event.id, subject=d.event.subject)
+        try:
+            with span_from(d.event.traceparent, f"{self.group} {d.event.type}", SpanKind.CONSUMER):
+                await self.handlers.by_type[d.event.type](d.event, d.payload, uow)
+        finally:
+            structlog.contextvars.unbind_contextvars("event_id", "subject")
+
+    async def _apply_one_by_one(self, batch: list[Decoded]) -> None:
+        for d in batch:
+            attempt = 0
+            while True:
+                attempt += 1
+                try:
+                    await self._apply_in_one_transaction([d])
+                    break
+                except TRANSIENT as e:
+                    if self.stopping:
+                        raise
+                    log.warning("database unavailable, holding the partition", error=repr(e))
+                    await asyncio.sleep(min(0.2 * 2**attempt, 5.0))
+                    attempt = min(attempt, 5)
+                except Exception as e:
+                    if attempt > self.settings.handler_retries:
+                        await self.dead_letter(d.record, repr(e), attempts=attempt)
+                        break
+                    await asyncio.sleep(0.05 * 2**attempt)
+
+    async def dead_letter(
+        self, record: ConsumerRecord[bytes, bytes], error: str, attempts: int
+    ) -> None:
+        key = (record.key or b"").decode(errors="replace")
+        letter = DeadLetterRecorded(
+            consumer_group=self.group,
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            original_key=key,
+            error=error[:4000],
+            attempts=attempts,
+            original=(record.value or b"").decode(errors="replace"),
+        )
+        cause = f"{record.topic}:{record.partition}:{record.offset}:{self.group}"
+        event = new_event(letter, source=self.source, cause=cause)
+        await self.producer.send_and_wait(
+            self.settings.topic(DLQ.name),
+            value=event.to_bytes(),
+            key=key.encode(),
+            headers=[("ce_type", event.type.encode())],
+        )
+        EVENTS_CONSUMED.labels(self.group, _header(record, "ce_type") or "?", "dead_lettered").inc()
+        log.error("event dead-lettered", group=self.group, offset=record.offset, error=error)

@@ -1,0 +1,91 @@
+"""Postgres plumbing: one pool per service, pinned to the service's own schema, and the
+migrations runner. Each service owns one schema; its migrations are the numbered `.sql` files in
+its package's `migrations/` folder, applied once each, in order, under an advisory lock so that
+several replicas starting together migrate once."""
+
+from __future__ import annotations
+
+import hashlib
+from importlib import resources
+from typing import Any
+
+import asyncpg
+
+from postback_libs.logging import get_logger
+
+log = get_logger(__name__)
+
+# Every service schema gets the outbox and inbox before its own migrations.
+PLUMBING = """
+CREATE TABLE IF NOT EXISTS outbox (
+    position    bigserial PRIMARY KEY,
+    topic       text        NOT NULL,
+    key         text        NOT NULL,
+    event_id    text        NOT NULL,
+    type        text        NOT NULL,
+    payload     bytea       NOT NULL,
+    traceparent text,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS inbox (
+    consumer     text        NOT NULL,
+    event_id     text        NOT NULL,
+    processed_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (consumer, event_id)
+);
+"""
+
+
+def schema_for(service: str) -> str:
+    return service.replace("-", "_")
+
+
+def lock_key(name: str) -> int:
+    """A stable 63-bit advisory-lock key for a name."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") >> 1
+
+
+async def create_pool(dsn: str, schema: str, *, min_size: int = 2, max_size: int = 10) -> Any:
+    return await asyncpg.create_pool(
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        server_settings={"search_path": f"{schema},public", "application_name": schema},
+        command_timeout=60,
+    )
+
+
+def _migration_files(package: str) -> list[tuple[str, str]]:
+    folder = resources.files(package).joinpath("migrations")
+    files = sorted((f.name, f.read_text()) for f in folder.iterdir() if f.name.endswith(".sql"))
+    return files
+
+
+async def migrate(dsn: str, schema: str, package: str) -> list[str]:
+    """Apply the package's pending migrations to `schema`; returns the names applied."""
+    conn = await asyncpg.connect(dsn)
+    applied: list[str] = []
+    try:
+        await conn.execute("SELECT pg_advisory_lock($1)", lock_key(f"migrate:{schema}"))
+        try:
+            await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+            await conn.execute(f'SET search_path TO "{schema}", public')
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations")}
+            for name, sql in [("000_plumbing.sql", PLUMBING), *_migration_files(package)]:
+                if name in done:
+                    continue
+                async with conn.transaction():
+                    await conn.execute(sql)
+                    await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", name)
+                applied.append(name)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", lock_key(f"migrate:{schema}"))
+    finally:
+        await conn.close()
+    if applied:
+        log.info("migrated", schema=schema, applied=applied)
+    return applied

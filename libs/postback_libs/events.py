@@ -1,0 +1,548 @@
+"""The event catalog: one CloudEvents 1.0 envelope and a typed model for every event's data.
+
+Events are immutable facts. A new version is a new type or a new optional field, never a changed
+meaning, and consumers ignore fields they do not know.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from postback_libs.ids import derived_id, uuid7
+
+SPECVERSION = "1.0"
+CONTENT_TYPE = "application/cloudevents+json"
+
+
+@dataclass(frozen=True)
+class Topic:
+    name: str
+    key: str
+    cleanup: Literal["delete", "compact"]
+    retention_ms: int  # -1: forever
+    description: str
+
+
+WEEK_MS = 7 * 24 * 3600 * 1000
+CALLS = Topic("postback.calls", "request id", "delete", WEEK_MS, "The story of every call.")
+DELIVERIES = Topic(
+    "postback.deliveries", "delivery id", "delete", WEEK_MS, "Every webhook delivery attempt."
+)
+LEDGER = Topic("postback.ledger", "account id", "delete", -1, "Every movement of money.")
+CATALOG = Topic("postback.catalog", "api id", "compact", -1, "Full state of every API.")
+ACCOUNTS = Topic("postback.accounts", "account id", "compact", -1, "Accounts, hashes only.")
+WEBHOOKS = Topic("postback.webhooks", "endpoint id", "compact", -1, "Webhook endpoints.")
+DLQ = Topic("postback.dlq", "original key", "delete", -1, "Events a consumer gave up on.")
+TOPICS: tuple[Topic, ...] = (CALLS, DELIVERIES, LEDGER, CATALOG, ACCOUNTS, WEBHOOKS, DLQ)
+
+
+class EventData(BaseModel):
+    """Base of every event's `data`. Subclasses name their type, topic and partition key."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    event_type: ClassVar[str]
+    topic: ClassVar[Topic]
+
+    def key(self) -> str:
+        raise NotImplementedError
+
+
+EVENT_TYPES: dict[str, type[EventData]] = {}
+D = TypeVar("D", bound=type[EventData])
+
+
+def event(type_: str, topic: Topic, key: str | None = None) -> Any:
+    """Register a data model as the payload of event type `type_`, keyed by its field `key`
+    (or by the model's own `key()` method when no field is named)."""
+
+    def register(cls: D) -> D:
+        cls.event_type = type_
+        cls.topic = topic
+        if key is not None:
+            cls.key = lambda self: str(getattr(self, key))  # type: ignore[method-assign]
+        EVENT_TYPES[type_] = cls
+        return cls
+
+    return register
+
+
+class CloudEvent(BaseModel):
+    """The structured-mode CloudEvents 1.0 envelope every message on every topic uses."""
+
+    model_config = ConfigDict(frozen=True)
+    specversion: Literal["1.0"] = "1.0"
+    id: str
+    source: str
+    type: str
+    subject: str
+    time: datetime
+    datacontenttype: Literal["application/json"] = "application/json"
+    traceparent: str | None = None
+    data: dict[str, Any]
+
+    def payload(self) -> EventData:
+        """The typed data of a known event type (raises KeyError for an unknown type)."""
+        return EVENT_TYPES[self.type].model_validate(self.data)
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json(exclude_none=True).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> CloudEvent:
+        return cls.model_validate_json(raw)
+
+
+def new_event(
+    data: EventData,
+    *,
+    source: str,
+    cause: str | None = None,
+    traceparent: str | None = None,
+    at: datetime | None = None,
+) -> CloudEvent:
+    """Wrap `data` in an envelope. With a `cause` (the id of the event being handled) the id is
+    derived from it, so a handler that runs twice emits the same event twice, not two events."""
+    event_id = derived_id(cause, data.event_type) if cause else uuid7()
+    return CloudEvent(
+        id=str(event_id),
+        source=source,
+        type=data.event_type,
+        subject=data.key(),
+        time=at or datetime.now(UTC),
+        traceparent=traceparent,
+        data=data.model_dump(mode="json", exclude_none=True),
+    )
+
+
+def envelope_model(type_: str) -> type[BaseModel]:
+    """The envelope with `type` and `data` pinned: what `schemas/` publishes per event type."""
+    data_model = EVENT_TYPES[type_]
+    name = "".join(p.capitalize() for p in type_.replace("_", ".").split(".")) + "Event"
+    model: type[BaseModel] = create_model(
+        name,
+        __base__=CloudEvent,
+        __doc__=data_model.__doc__,
+        type=(Literal[type_], Field(...)),  # type: ignore[valid-type]
+        data=(data_model, Field(...)),
+    )
+    return model
+
+
+# Shared vocabulary ---------------------------------------------------------------------------
+
+Mode = Literal["demo", "production"]
+Entry = Literal["v1", "internal_call", "api_path"]
+RejectReason = Literal[
+    "unknown_api",
+    "api_retired",
+    "mode_not_available",
+    "method_not_allowed",
+    "path_not_allowed",
+    "payload_too_large",
+    "rate_limited",
+    "quota_exceeded",
+    "account_suspended",
+    "insufficient_funds",
+]
+Money = int  # integer minor units, never floats
+
+
+class CallRef(EventData):
+    request_id: str
+
+
+# postback.calls -----------------------------------------------------------------------------
+
+
+@event("call.requested", CALLS, "request_id")
+class CallRequested(CallRef):
+    """A consumer asked for a call; ingress made it durable and answered 202."""
+
+    consumer_id: str
+    api: str = Field(description="The API as the consumer named it: id or slug.")
+    mode: Mode = "production"
+    method: str = "POST"
+    path: str = "/"
+    params: dict[str, Any] = Field(default_factory=dict)
+    body: Any = None
+    webhook_url: str | None = None
+    idempotency_key: str | None = None
+    entry: Entry = "v1"
+
+
+@event("call.routed", CALLS, "request_id")
+class CallRouted(CallRef):
+    """Routing resolved the API, checked the consumer may call it, and priced the call."""
+
+    consumer_id: str
+    owner_id: str
+    api_id: str
+    mode: Mode
+    upstream_url: str
+    method: str
+    path: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    body: Any = None
+    delivery_mode: Literal["sync", "async"] = "sync"
+    price: Money = Field(ge=0)
+    fee_bps: int = Field(ge=0, le=10000)
+    deadline: datetime
+    entry: Entry = "v1"
+    max_result_bytes: int = 1_048_576
+
+
+@event("call.rejected", CALLS, "request_id")
+class CallRejected(CallRef):
+    """The call was refused before reaching the owner; `reason` is machine-readable."""
+
+    consumer_id: str
+    api: str
+    reason: RejectReason
+    detail: str = ""
+    stage: Literal["routing", "settlement"]
+
+
+@event("call.authorized", CALLS, "request_id")
+class CallAuthorized(CallRef):
+    """Settlement reserved the price on the consumer's balance (zero for demo calls)."""
+
+    consumer_id: str
+    amount: Money = Field(ge=0)
+
+
+@event("call.dispatched", CALLS, "request_id")
+class CallDispatched(CallRef):
+    """Owner-adapter sent the call to the owner (one event per attempt)."""
+
+    attempt: int = Field(ge=1)
+    upstream_url: str
+
+
+@event("call.accepted", CALLS, "request_id")
+class CallAccepted(CallRef):
+    """The owner answered 202 and will post the result to its callback URL."""
+
+    deadline: datetime
+
+
+@event("call.completed", CALLS, "request_id")
+class CallCompleted(CallRef):
+    """The owner's result: from its response (sync) or its callback (async)."""
+
+    via: Literal["response", "callback"]
+    status_code: int | None = None
+    content_type: str = "application/json"
+    result: Any = None
+
+
+@event("call.failed", CALLS, "request_id")
+class CallFailed(CallRef):
+    """The owner could not produce a result."""
+
+    reason: Literal["owner_unreachable", "owner_error", "owner_refused", "result_too_large"]
+    status_code: int | None = None
+    detail: str = ""
+
+
+@event("call.timed_out", CALLS, "request_id")
+class CallTimedOut(CallRef):
+    """No result arrived by the call's deadline."""
+
+    deadline: datetime
+
+
+@event("call.settled", CALLS, "request_id")
+class CallSettled(CallRef):
+    """The reservation was captured: consumer debited, owner credited, platform fee taken."""
+
+    consumer_id: str
+    owner_id: str
+    amount: Money = Field(ge=0)
+    fee: Money = Field(ge=0)
+
+
+@event("call.refunded", CALLS, "request_id")
+class CallRefunded(CallRef):
+    """The reservation was voided because the call failed or timed out."""
+
+    consumer_id: str
+    amount: Money = Field(ge=0)
+    outcome: Literal["call.failed", "call.timed_out"]
+
+
+@event("call.delivered", CALLS, "request_id")
+class CallDelivered(CallRef):
+    """The consumer's webhook acknowledged the call's outcome."""
+
+    message_id: str
+    attempts: int = Field(ge=1)
+
+
+@event("call.delivery_failed", CALLS, "request_id")
+class CallDeliveryFailed(CallRef):
+    """Every attempt to deliver the call's outcome to the consumer's webhook failed."""
+
+    message_id: str
+    attempts: int = Field(ge=0)
+    last_error: str = ""
+
+
+# postback.deliveries ------------------------------------------------------------------------
+
+
+class DeliveryRef(EventData):
+    delivery_id: str
+    message_id: str
+    request_id: str | None = None
+    endpoint_id: str | None = None
+
+
+ErrorClass = Literal["dns", "connect", "tls", "timeout", "http_status", "blocked_address", "other"]
+
+
+@event("delivery.attempted", DELIVERIES, "delivery_id")
+class DeliveryAttempted(DeliveryRef):
+    """One HTTP attempt to deliver a message to an endpoint, whatever its outcome."""
+
+    url: str
+    attempt: int = Field(ge=1)
+    status_code: int | None = None
+    latency_ms: float = 0
+    error_class: ErrorClass | None = None
+    response_excerpt: str = ""
+    next_attempt_at: datetime | None = None
+
+
+@event("delivery.succeeded", DELIVERIES, "delivery_id")
+class DeliverySucceeded(DeliveryRef):
+    attempts: int = Field(ge=1)
+
+
+@event("delivery.failed", DELIVERIES, "delivery_id")
+class DeliveryFailed(DeliveryRef):
+    """Delivery stopped without success for a reason other than exhausted retries."""
+
+    attempts: int = Field(ge=0)
+    reason: str
+
+
+@event("delivery.exhausted", DELIVERIES, "delivery_id")
+class DeliveryExhausted(DeliveryRef):
+    attempts: int = Field(ge=1)
+    last_error: str = ""
+
+
+class EndpointRef(EventData):
+    endpoint_id: str
+
+
+@event("endpoint.disabled", DELIVERIES, "endpoint_id")
+class EndpointDisabled(EndpointRef):
+    account_id: str
+    reason: str
+
+
+# postback.ledger ----------------------------------------------------------------------------
+
+
+@event("credit.requested", LEDGER, "account_id")
+class CreditRequested(EventData):
+    """An operator asked settlement to credit an account (funds come from operator funding)."""
+
+    credit_id: str
+    account_id: str
+    amount: Money = Field(gt=0)
+    note: str = ""
+
+
+@event("account.credited", LEDGER, "account_id")
+class AccountCredited(EventData):
+    credit_id: str
+    account_id: str
+    amount: Money = Field(gt=0)
+    balance: Money
+
+
+@event("transfer.reserved", LEDGER, "debit_account")
+class TransferReserved(EventData):
+    transfer_id: str
+    request_id: str
+    debit_account: str
+    credit_account: str
+    amount: Money = Field(ge=0)
+
+
+@event("transfer.posted", LEDGER, "debit_account")
+class TransferPosted(EventData):
+    transfer_id: str
+    pending_id: str
+    request_id: str
+    debit_account: str
+    credit_account: str
+    amount: Money = Field(ge=0)
+
+
+@event("transfer.voided", LEDGER, "debit_account")
+class TransferVoided(EventData):
+    transfer_id: str
+    pending_id: str
+    request_id: str
+    debit_account: str
+    credit_account: str
+    amount: Money = Field(ge=0)
+
+
+@event("balance.low", LEDGER, "account_id")
+class BalanceLow(EventData):
+    account_id: str
+    balance: Money
+    threshold: Money
+
+
+# postback.catalog ---------------------------------------------------------------------------
+
+
+class ApiState(BaseModel):
+    """The full state of an API; each catalog event carries all of it (the topic is compacted)."""
+
+    model_config = ConfigDict(frozen=True)
+    api_id: str
+    slug: str
+    owner_id: str
+    name: str
+    description: str = ""
+    tags: list[str] = Field(default_factory=list)
+    status: Literal["active", "retired"] = "active"
+    endpoint: str
+    demo_endpoint: str | None = None
+    methods: list[str] = Field(default_factory=lambda: ["POST"])
+    path_prefixes: list[str] = Field(default_factory=lambda: ["/"])
+    price: Money = Field(0, ge=0)
+    fee_bps: int | None = Field(None, ge=0, le=10000)
+    delivery_mode: Literal["sync", "async"] = "sync"
+    max_duration_seconds: int = Field(300, ge=1)
+    max_request_bytes: int = Field(262_144, ge=1)
+    max_result_bytes: int = Field(1_048_576, ge=1)
+    signing_secret_version: int = 1
+    version: int = Field(1, ge=1)
+
+
+class ApiChange(EventData):
+    api: ApiState
+
+    def key(self) -> str:
+        return self.api.api_id
+
+
+@event("api.registered", CATALOG)
+class ApiRegistered(ApiChange):
+    pass
+
+
+@event("api.updated", CATALOG)
+class ApiUpdated(ApiChange):
+    pass
+
+
+@event("api.retired", CATALOG)
+class ApiRetired(ApiChange):
+    pass
+
+
+# postback.accounts --------------------------------------------------------------------------
+
+
+class AccountState(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    account_id: str
+    name: str
+    roles: list[Literal["consumer", "owner"]]
+    status: Literal["active", "suspended"] = "active"
+    key_id: str
+    key_hash: str = Field(description="SHA-256 of the secret; the secret itself is never stored.")
+
+
+class AccountChange(EventData):
+    account: AccountState
+
+    def key(self) -> str:
+        return self.account.account_id
+
+
+@event("account.created", ACCOUNTS)
+class AccountCreated(AccountChange):
+    pass
+
+
+@event("account.key_rotated", ACCOUNTS)
+class AccountKeyRotated(AccountChange):
+    previous_key_valid_until: datetime
+
+
+@event("account.suspended", ACCOUNTS)
+class AccountSuspended(AccountChange):
+    reason: str = ""
+
+
+# postback.webhooks --------------------------------------------------------------------------
+
+
+class EndpointState(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    endpoint_id: str
+    account_id: str
+    url: str
+    description: str = ""
+    event_types: list[str] = Field(default_factory=lambda: ["call.*"])
+    enabled: bool = True
+    rate_limit_per_second: int | None = Field(None, ge=1)
+    metadata: dict[str, str] = Field(default_factory=dict)
+    secret_version: int = 1
+
+
+class EndpointChange(EventData):
+    endpoint: EndpointState
+
+    def key(self) -> str:
+        return self.endpoint.endpoint_id
+
+
+@event("endpoint.created", WEBHOOKS)
+class EndpointCreated(EndpointChange):
+    pass
+
+
+@event("endpoint.updated", WEBHOOKS)
+class EndpointUpdated(EndpointChange):
+    pass
+
+
+@event("endpoint.deleted", WEBHOOKS)
+class EndpointDeleted(EndpointChange):
+    pass
+
+
+@event("endpoint.secret_rotated", WEBHOOKS)
+class EndpointSecretRotated(EndpointChange):
+    previous_secret_valid_until: datetime
+
+
+# postback.dlq -------------------------------------------------------------------------------
+
+
+@event("dead_letter.recorded", DLQ, "original_key")
+class DeadLetterRecorded(EventData):
+    """A message a consumer group could not process after its retries."""
+
+    consumer_group: str
+    topic: str
+    partition: int
+    offset: int
+    original_key: str
+    error: str
+    attempts: int
+    original: str = Field(description="The message value as text (UTF-8, replaced if invalid).")

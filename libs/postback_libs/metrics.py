@@ -1,0 +1,24 @@
+"""The Prometheus metrics every service shares; service-specific ones live with the service."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+EVENTS_CONSUMED = Counter(
+    "postback_events_consumed_total",
+    "Events taken from Kafka by a consumer group.",
+    ["group", "type", "outcome"],  # outcome: applied, duplicate, ignored, dead_lettered
+)
+EVENTS_PRODUCED = Counter(
+    "postback_events_produced_total", "Events published to Kafka from the outbox.", ["topic"]
+)
+HANDLER_SECONDS = Histogram(
+    "postback_handler_seconds",
+    "Time to apply one batch of events, transaction included.",
+    ["group"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+OUTBOX_PENDING = Gauge("postback_outbox_pending", "Outbox rows not yet published.")
+CONSUMER_LAG = Gauge(
+    "postback_consumer_lag_events", "Events behind the end of the topic.", ["group", "topic"]
+)

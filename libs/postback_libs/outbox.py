@@ -1,0 +1,152 @@
+"""Transactional outbox: events are written in the same Postgres transaction as the state they
+describe, and one relay per schema publishes them to Kafka in order, then deletes them.
+
+Only one relay of a schema publishes at a time (an advisory lock), so events of one key leave in
+the order they were written even when a service runs as several replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+from aiokafka import AIOKafkaProducer
+
+from postback_libs.db import lock_key
+from postback_libs.events import CONTENT_TYPE, CloudEvent, EventData, new_event
+from postback_libs.logging import get_logger
+from postback_libs.metrics import EVENTS_PRODUCED, OUTBOX_PENDING
+from postback_libs.settings import Settings
+from postback_libs.telemetry import current_traceparent
+
+log = get_logger(__name__)
+
+
+@dataclass
+class UnitOfWork:
+    """A Postgres transaction plus the events to publish if, and only if, it commits."""
+
+    conn: Any
+    source: str
+    settings: Settings
+    events: list[tuple[str, CloudEvent]] = field(default_factory=list)
+    # (partition, offset) of the record being handled, for read models that keep log order.
+    position: tuple[int, int] = (0, 0)
+
+    def emit(self, data: EventData, *, cause: str | None = None) -> CloudEvent:
+        event = new_event(data, source=self.source, cause=cause, traceparent=current_traceparent())
+        self.events.append((self.settings.topic(data.topic.name), event))
+        return event
+
+    async def flush(self) -> None:
+        if not self.events:
+            return
+        await self.conn.executemany(
+            "INSERT INTO outbox (topic, key, event_id, type, payload, traceparent)"
+            " VALUES ($1, $2, $3, $4, $5, $6)",
+            [(t, e.subject, e.id, e.type, e.to_bytes(), e.traceparent) for t, e in self.events],
+        )
+        await self.conn.execute("SELECT pg_notify('outbox', '')")
+        self.events.clear()
+
+
+@contextlib.asynccontextmanager
+async def unit_of_work(pool: Any, source: str, settings: Settings) -> AsyncIterator[UnitOfWork]:
+    async with pool.acquire() as conn, conn.transaction():
+        uow = UnitOfWork(conn, source, settings)
+        yield uow
+        await uow.flush()
+
+
+def new_producer(settings: Settings) -> AIOKafkaProducer:
+    # acks=all: an event counts as published only once every in-sync replica has it.
+    return AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        acks="all",
+        linger_ms=2,
+        max_batch_size=256 * 1024,
+        request_timeout_ms=30_000,
+    )
+
+
+class OutboxRelay:
+    def __init__(self, dsn: str, schema: str, producer: AIOKafkaProducer, batch: int = 2000):
+        self.dsn, self.schema, self.producer, self.batch = dsn, schema, producer, batch
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self.leader = False
+
+    async def run(self) -> None:
+        while not self._stopping:
+            try:
+                await self._lead()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+                log.warning("outbox relay lost its connection", error=str(e))
+                await asyncio.sleep(1)
+
+    async def _lead(self) -> None:
+        conn = await asyncpg.connect(self.dsn, server_settings={"search_path": self.schema})
+        try:
+            while not await conn.fetchval(
+                "SELECT pg_try_advisory_lock($1)", lock_key(f"relay:{self.schema}")
+            ):
+                self.leader = False
+                if self._stopping:
+                    return
+                await asyncio.sleep(2)
+            self.leader = True
+            await conn.add_listener("outbox", lambda *_: self._wake.set())
+            while True:
+                published = await self.publish_pending(conn)
+                if published:
+                    continue
+                if self._stopping:
+                    return
+                self._wake.clear()
+                # The periodic wake-up covers a notification lost while reconnecting.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+        finally:
+            self.leader = False
+            await conn.close()
+
+    async def publish_pending(self, conn: Any) -> int:
+        rows = await conn.fetch(
+            "SELECT position, topic, key, type, payload, traceparent FROM outbox"
+            " ORDER BY position LIMIT $1",
+            self.batch,
+        )
+        if not rows:
+            OUTBOX_PENDING.set(0)
+            return 0
+        sends = []
+        for r in rows:
+            headers = [("content-type", CONTENT_TYPE.encode()), ("ce_type", r["type"].encode())]
+            if r["traceparent"]:
+                headers.append(("traceparent", r["traceparent"].encode()))
+            sends.append(
+                await self.producer.send(
+                    r["topic"], value=r["payload"], key=r["key"].encode(), headers=headers
+                )
+            )
+        await asyncio.gather(*sends)  # every send acknowledged before the rows go
+        # By position, not by range: a transaction that commits late can hold a lower position
+        # than rows already published, and must not be deleted unpublished.
+        await conn.execute(
+            "DELETE FROM outbox WHERE position = ANY($1::bigint[])", [r["position"] for r in rows]
+        )
+        for r in rows:
+            EVENTS_PRODUCED.labels(r["topic"]).inc()
+        OUTBOX_PENDING.set(len(rows) if len(rows) == self.batch else 0)
+        return len(rows)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def stop(self) -> None:
+        """Ask the relay to publish what is pending and return."""
+        self._stopping = True
+        self._wake.set()

@@ -1,0 +1,206 @@
+"""One service process: its Postgres pool and migrations, its outbox relay, its Kafka consumer
+groups, its background workers and its HTTP server, started in that order and stopped in the
+reverse order on SIGTERM so that in-flight work finishes, is committed and is published."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import uvicorn
+from aiokafka import AIOKafkaProducer
+from fastapi import FastAPI
+from faststream import AckPolicy
+from faststream.kafka import KafkaBroker
+from faststream.kafka.annotations import KafkaMessage
+
+from postback_libs.consumer import BatchApplier, Handlers
+from postback_libs.db import create_pool, migrate, schema_for
+from postback_libs.http import ReadinessCheck, install_health_routes, install_problem_handlers
+from postback_libs.logging import configure_logging, get_logger
+from postback_libs.outbox import OutboxRelay, new_producer, unit_of_work
+from postback_libs.settings import ServiceName, Settings
+from postback_libs.telemetry import configure_tracing
+
+log = get_logger(__name__)
+
+Worker = Callable[[], Awaitable[None]]
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # Signals belong to the service, which stops the HTTP server as one step of its drain.
+        yield
+
+
+class Service:
+    def __init__(self, name: ServiceName, package: str, settings: Settings) -> None:
+        self.name, self.package, self.settings = name, package, settings
+        self.schema = schema_for(name)
+        self.app = FastAPI(title=f"Postback {name}", version="0.1.0")
+        install_problem_handlers(self.app)
+        self.pool: Any = None
+        self.producer: AIOKafkaProducer = new_producer(settings)
+        self.broker = KafkaBroker(
+            settings.kafka_bootstrap, client_id=f"postback-{name}", log_level=logging.DEBUG
+        )
+        self.relay: OutboxRelay | None = None
+        self.appliers: list[BatchApplier] = []
+        self._handlers: list[Handlers] = []
+        self._workers: list[Worker] = []
+        self._on_start: list[Worker] = []
+        self._on_stop: list[Worker] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._checks: list[ReadinessCheck] = [self._db_ready, self._relay_ready]
+        self._started = False
+        self._server: _Server | None = None
+        install_health_routes(self.app, self._checks)
+
+    # --- what a service declares -------------------------------------------------------------
+
+    def consume(self, handlers: Handlers) -> None:
+        self._handlers.append(handlers)
+
+    def worker(self, fn: Worker) -> Worker:
+        """A long-running coroutine that stops when the service is stopping."""
+        self._workers.append(fn)
+        return fn
+
+    def on_start(self, fn: Worker) -> Worker:
+        self._on_start.append(fn)
+        return fn
+
+    def on_stop(self, fn: Worker) -> Worker:
+        self._on_stop.append(fn)
+        return fn
+
+    def readiness(self, check: ReadinessCheck) -> ReadinessCheck:
+        self._checks.append(check)
+        return check
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def unit_of_work(self) -> Any:
+        return unit_of_work(self.pool, self.name, self.settings)
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._stopping = asyncio.Event()
+        s = self.settings
+        if s.migrate_on_start:
+            await migrate(s.database_url, self.schema, self.package)
+        self.pool = await create_pool(
+            s.database_url, self.schema, min_size=s.db_pool_min, max_size=s.db_pool_max
+        )
+        await self.producer.start()
+        self.relay = OutboxRelay(s.database_url, self.schema, self.producer)
+        self._tasks.append(asyncio.create_task(self.relay.run(), name="outbox-relay"))
+        for fn in self._on_start:
+            await fn()
+        for handlers in self._handlers:
+            self._subscribe(handlers)
+        await self.broker.start()
+        for fn in self._workers:
+            self._tasks.append(asyncio.create_task(fn(), name=fn.__name__))
+        self._started = True
+        log.info("service started", port=s.port_for(self.name))
+
+    def _subscribe(self, handlers: Handlers) -> None:
+        relay = self.relay
+        assert relay is not None
+        applier = BatchApplier(
+            handlers, self.pool, self.settings, self.name, self.producer, relay.wake
+        )
+        self.appliers.append(applier)
+
+        # NACK on error: an exception means the batch's effects did not commit, so the offset
+        # must not move; the batch is fetched again.
+        @self.broker.subscriber(
+            self.settings.topic(handlers.topic),
+            group_id=f"postback-{handlers.group}",
+            batch=True,
+            ack_policy=AckPolicy.NACK_ON_ERROR,
+            auto_offset_reset="earliest",
+            max_records=self.settings.consumer_max_records,
+        )
+        async def consume(message: KafkaMessage) -> None:
+            await applier.apply(message.raw_message)  # type: ignore[arg-type]
+
+    async def stop(self) -> None:
+        if not self._started:
+            return
+        self._started = False
+        self._stopping.set()
+        for applier in self.appliers:
+            applier.stopping = True
+        await self.broker.stop()  # the offsets of finished batches are committed
+        for fn in self._on_stop:
+            await fn()
+        workers = [t for t in self._tasks if t.get_name() != "outbox-relay"]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                asyncio.gather(*workers, return_exceptions=True),
+                self.settings.shutdown_grace_seconds / 2,
+            )
+        for t in workers:
+            t.cancel()
+        if self.relay is not None:
+            await self.relay.stop()  # publishes what is pending, then returns
+            relay_task = [t for t in self._tasks if t.get_name() == "outbox-relay"]
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*relay_task), 5)
+        self._tasks.clear()
+        await self.producer.stop()
+        await self.pool.close()
+        log.info("service stopped")
+
+    async def serve(self) -> None:
+        """Run until SIGTERM or SIGINT, then drain."""
+        configure_logging(self.name, self.settings.log_level)
+        configure_tracing(self.name, self.settings.otel_exporter_endpoint)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        config = uvicorn.Config(
+            self.app,
+            host=self.settings.http_host,
+            port=self.settings.port_for(self.name),
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=int(self.settings.shutdown_grace_seconds / 2),
+        )
+        self._server = _Server(config)
+        http = asyncio.create_task(self._server.serve())
+        await stop.wait()
+        log.info("stopping")
+        self._server.should_exit = True
+        await http
+        await self.stop()
+
+    # --- readiness ---------------------------------------------------------------------------
+
+    async def _db_ready(self) -> str | None:
+        if self.pool is None:
+            return "database pool not open"
+        try:
+            async with self.pool.acquire(timeout=2) as conn:
+                await conn.fetchval("SELECT 1")
+        except Exception as e:
+            return f"database unavailable: {e.__class__.__name__}"
+        return None
+
+    async def _relay_ready(self) -> str | None:
+        task = next((t for t in self._tasks if t.get_name() == "outbox-relay"), None)
+        if task is None or task.done():
+            return "outbox relay not running"
+        return None

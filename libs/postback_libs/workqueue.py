@@ -1,0 +1,53 @@
+"""Working through rows that are due, with bounded concurrency.
+
+Owner-adapter's dispatches and delivery's attempts are rows claimed with `FOR UPDATE SKIP
+LOCKED` and a lease: any number of replicas share them without taking one row twice, and a row
+whose replica died is claimed again when its lease runs out."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+
+class WorkQueue:
+    def __init__(
+        self,
+        claim: Callable[[int], Awaitable[list[Any]]],
+        work: Callable[[Any], Awaitable[None]],
+        *,
+        concurrency: int,
+        idle_poll_seconds: float = 0.5,
+    ) -> None:
+        self.claim, self.work, self.concurrency = claim, work, concurrency
+        self.idle_poll_seconds = idle_poll_seconds
+        self.wake = asyncio.Event()
+        self._stopping = False
+        self._in_flight: set[asyncio.Task[None]] = set()
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.discard(task)
+        self.wake.set()
+
+    async def run(self) -> None:
+        while not self._stopping:
+            free = self.concurrency - len(self._in_flight)
+            rows = await self.claim(free) if free > 0 else []
+            for row in rows:
+                task = asyncio.create_task(self.work(row))
+                self._in_flight.add(task)
+                task.add_done_callback(self._done)
+            if not rows:
+                self.wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), self.idle_poll_seconds)
+
+    async def drain(self, timeout: float) -> None:
+        """Stop claiming and let the work in flight finish (what is left is re-claimed later,
+        when its lease runs out)."""
+        self._stopping = True
+        self.wake.set()
+        if self._in_flight:
+            await asyncio.wait(self._in_flight, timeout=timeout)

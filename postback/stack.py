@@ -1,0 +1,235 @@
+"""`postback up`: the whole system on one machine — an embedded PostgreSQL and Kafka-compatible
+broker (unless real ones are configured), topics, migrations, and every service as its own
+process, restarted if it dies, all stopped in order on Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from postback_libs.db import migrate, schema_for
+from postback_libs.settings import DEFAULT_PORTS, SERVICES, Settings
+from postback_libs.topics import ensure_topics
+
+PACKAGES = {s: f"postback_{schema_for(s)}" for s in SERVICES}
+# The local stack's owners and webhook receivers run on this machine, so it lets outbound
+# requests reach loopback; a deployment leaves POSTBACK_ALLOWED_NETWORKS empty.
+LOCAL_NETWORKS = "127.0.0.0/8"
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _persistent_secret(path: Path) -> str:
+    """A random secret kept in the data dir, so restarts keep derived secrets stable."""
+    if path.exists():
+        return path.read_text().strip()
+    value = secrets.token_urlsafe(32)
+    path.write_text(value)
+    path.chmod(0o600)
+    return value
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+@dataclass
+class Child:
+    service: str
+    port: int
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    log: IO[bytes] | None = None
+    restarts: list[float] = field(default_factory=list)
+
+
+class Stack:
+    def __init__(self, data_dir: Path, base_port: int = 8080) -> None:
+        self.data_dir = data_dir.absolute()
+        self.base_port = base_port
+        self.children: dict[str, Child] = {}
+        self.pg: object | None = None
+        self.kafka: object | None = None
+        self.env: dict[str, str] = {}
+
+    def port(self, service: str) -> int:
+        return self.base_port + DEFAULT_PORTS[service] - DEFAULT_PORTS["ingress"]
+
+    def start_infrastructure(self) -> None:
+        from postback.embedded import EmbeddedKafka, EmbeddedPostgres, free_port
+
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("POSTBACK_")}
+        env.update({k: v for k, v in os.environ.items() if k.startswith("POSTBACK_")})
+        if "POSTBACK_KAFKA_BOOTSTRAP" not in os.environ:
+            port = 9092 if _port_free(9092) else free_port()
+            kafka = EmbeddedKafka(port, self.data_dir / "logs" / "broker.log")
+            (self.data_dir / "logs").mkdir(exist_ok=True)
+            kafka.start()
+            self.kafka = kafka
+            env["POSTBACK_KAFKA_BOOTSTRAP"] = kafka.bootstrap
+            _say(f"  broker      embedded (in memory) at {kafka.bootstrap}")
+        else:
+            _say(f"  broker      {os.environ['POSTBACK_KAFKA_BOOTSTRAP']}")
+        if "POSTBACK_DATABASE_URL" not in os.environ:
+            port = 5432 if _port_free(5432) else free_port()
+            pg = EmbeddedPostgres(self.data_dir / "pg", port)
+            pg.start()
+            pg.create_database("postback")
+            self.pg = pg
+            env["POSTBACK_DATABASE_URL"] = pg.dsn("postback")
+            _say(f"  database    embedded at 127.0.0.1:{port}, data in {self.data_dir / 'pg'}")
+        else:
+            _say("  database    POSTBACK_DATABASE_URL")
+        env.setdefault(
+            "POSTBACK_OPERATOR_TOKEN", _persistent_secret(self.data_dir / "operator-token")
+        )
+        env.setdefault("POSTBACK_SECRET_KEY", _persistent_secret(self.data_dir / "secret-key"))
+        env.setdefault("POSTBACK_ALLOWED_NETWORKS", LOCAL_NETWORKS)
+        env.setdefault("POSTBACK_PUBLIC_URL", f"http://127.0.0.1:{self.port('ingress')}")
+        env.setdefault("POSTBACK_CALLBACK_URL", f"http://127.0.0.1:{self.port('owner-adapter')}")
+        self.env = env
+
+    def prepare(self) -> None:
+        settings = Settings(
+            kafka_bootstrap=self.env["POSTBACK_KAFKA_BOOTSTRAP"],
+            database_url=self.env["POSTBACK_DATABASE_URL"],
+            topic_prefix=self.env.get("POSTBACK_TOPIC_PREFIX", ""),
+        )
+
+        async def run() -> None:
+            await ensure_topics(settings)
+            for service in SERVICES:
+                await migrate(settings.database_url, schema_for(service), PACKAGES[service])
+
+        asyncio.run(run())
+
+    def spawn(self, service: str) -> None:
+        child = self.children.setdefault(
+            service,
+            Child(service, self.port(service), self.data_dir / "logs" / f"{service}.log"),
+        )
+        child.log_path.parent.mkdir(parents=True, exist_ok=True)
+        child.log = open(child.log_path, "ab")  # noqa: SIM115
+        env = {
+            **self.env,
+            "POSTBACK_HTTP_PORT": str(child.port),
+            "POSTBACK_MIGRATE_ON_START": "false",
+        }
+        child.proc = subprocess.Popen(  # noqa: S603
+            [sys.executable, "-m", "postback", "run", service],
+            stdout=child.log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        pending = set(self.children)
+        while pending:
+            for service in list(pending):
+                child = self.children[service]
+                assert child.proc is not None
+                if child.proc.poll() is not None:
+                    raise RuntimeError(
+                        f"{service} exited with code {child.proc.returncode}; see {child.log_path}"
+                    )
+                try:
+                    url = f"http://127.0.0.1:{child.port}/readyz"
+                    with urllib.request.urlopen(url, timeout=1) as r:
+                        if r.status == 200:
+                            pending.discard(service)
+                except OSError:
+                    pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"not ready after {timeout:.0f}s: {', '.join(sorted(pending))}")
+            time.sleep(0.2)
+
+    def supervise_once(self) -> None:
+        """Restart a service that died (a crash must not take the stack down)."""
+        for child in self.children.values():
+            if child.proc is not None and child.proc.poll() is not None:
+                now = time.monotonic()
+                child.restarts = [t for t in child.restarts if now - t < 60] + [now]
+                _say(
+                    f"{child.service} exited with code {child.proc.returncode}; restarting "
+                    f"(see {child.log_path})"
+                )
+                if child.log:
+                    child.log.close()
+                if len(child.restarts) > 5:
+                    time.sleep(5)  # crashing in a loop: slow down
+                self.spawn(child.service)
+
+    def stop(self) -> None:
+        for child in self.children.values():
+            if child.proc is not None and child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+        grace = time.monotonic() + 30
+        for child in self.children.values():
+            if child.proc is None:
+                continue
+            try:
+                child.proc.wait(max(0.1, grace - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(child.proc.pid, signal.SIGKILL)
+                child.proc.wait()
+            if child.log:
+                child.log.close()
+        for infra in (self.kafka, self.pg):
+            if infra is not None:
+                infra.stop()  # type: ignore[attr-defined]
+
+    def urls(self) -> str:
+        return " ".join(f"{s}=http://127.0.0.1:{self.port(s)}" for s in SERVICES)
+
+
+def up(data_dir: Path, base_port: int, then: list[str] | None = None) -> int:
+    stack = Stack(data_dir, base_port)
+    stopping = False
+
+    def on_signal(signum: int, _: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        _say("Starting Postback")
+        stack.start_infrastructure()
+        stack.prepare()
+        for service in SERVICES:
+            stack.spawn(service)
+        stack.wait_ready()
+        _say(f"Postback is ready: {stack.urls()} logs={stack.data_dir / 'logs'}")
+        _say(f"  operator token in {stack.data_dir / 'operator-token'}; Ctrl-C stops everything")
+        if then:
+            result = subprocess.run(then, env=stack.env, check=False)  # noqa: S603
+            if result.returncode != 0:
+                return result.returncode
+        while not stopping:
+            stack.supervise_once()
+            time.sleep(0.5)
+        return 0
+    except RuntimeError as e:
+        _say(f"postback up failed: {e}")
+        return 1
+    finally:
+        _say("Stopping Postback")
+        stack.stop()
+        _say("Stopped")

@@ -1,0 +1,21 @@
+"""Ingress: the public HTTP API. It accepts calls (a call is accepted once its event is in the
+outbox, committed), owns accounts and the catalog, and answers reads from the read model."""
+
+from __future__ import annotations
+
+from postback_libs.runtime import Service
+from postback_libs.settings import Settings
+
+from postback_ingress import accounts, calls
+
+
+def build(settings: Settings) -> Service:
+    service = Service("ingress", "postback_ingress", settings)
+    service.app.title = "Postback"
+    service.app.description = (
+        "Call slow APIs asynchronously: get 202 and a request id at once, receive the signed "
+        "result on your webhook."
+    )
+    service.app.include_router(calls.router(service))
+    service.app.include_router(accounts.router(service))
+    return service

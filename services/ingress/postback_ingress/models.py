@@ -1,0 +1,119 @@
+"""The request and response bodies of the public API."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from postback_libs.events import Mode
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
+
+
+class CallRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    api: str = Field(min_length=1, max_length=200, description="API id or slug.")
+    mode: Mode = "production"
+    method: str = Field("POST", pattern="^(GET|POST|PUT|PATCH|DELETE)$")
+    path: str = Field("/", pattern="^/", max_length=2000)
+    params: dict[str, Any] = Field(default_factory=dict)
+    body: Any = None
+    webhook_url: AnyHttpUrl | None = Field(
+        None,
+        description="Where the result is delivered, signed. Optional if you subscribe "
+        "endpoints instead.",
+    )
+
+
+class CallAccepted(BaseModel):
+    request_id: str
+    status: Literal["accepted"] = "accepted"
+    status_url: str
+
+
+class TimelineEntry(BaseModel):
+    type: str
+    time: Any
+    source: str
+    data: dict[str, Any]
+
+
+class CallView(BaseModel):
+    request_id: str
+    status: str
+    outcome: str | None = None
+    api: str | None = None
+    api_id: str | None = None
+    mode: str | None = None
+    result: Any = None
+    result_content_type: str | None = None
+    error: dict[str, Any] | None = None
+    cost: int | None = None
+    requested_at: Any = None
+    completed_at: Any = None
+    delivered_at: Any = None
+    timeline: list[TimelineEntry] = Field(default_factory=list)
+
+
+class AccountCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=200)
+    roles: list[Literal["consumer", "owner"]] = Field(min_length=1)
+
+
+class AccountCreated(BaseModel):
+    account_id: str
+    name: str
+    roles: list[str]
+    secret: str = Field(description="Shown once. Send it as `Authorization: Bearer <secret>`.")
+    webhook_secret: str = Field(description="Verifies the signatures of your call webhooks.")
+
+
+class Balance(BaseModel):
+    balance: int = Field(description="Posted balance, minor units.")
+    reserved: int = Field(description="Held for calls in flight.")
+
+
+class AccountView(BaseModel):
+    account_id: str
+    name: str
+    roles: list[str]
+    status: str
+    balances: dict[str, Balance] = Field(
+        default_factory=dict, description="Per role (consumer, owner), as the read model has it."
+    )
+
+
+class CreditCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    amount: int = Field(gt=0, description="Minor units.")
+    note: str = Field("", max_length=500)
+
+
+class CreditAccepted(BaseModel):
+    credit_id: str
+    account_id: str
+    amount: int
+
+
+class ApiCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    slug: str = Field(pattern="^[a-z0-9][a-z0-9-]{1,62}$")
+    name: str = Field(min_length=1, max_length=200)
+    description: str = Field("", max_length=5000)
+    tags: list[str] = Field(default_factory=list, max_length=20)
+    endpoint: AnyHttpUrl
+    demo_endpoint: AnyHttpUrl | None = None
+    methods: list[Literal["GET", "POST", "PUT", "PATCH", "DELETE"]] = Field(
+        default_factory=lambda: ["POST"], min_length=1
+    )
+    path_prefixes: list[str] = Field(default_factory=lambda: ["/"], min_length=1)
+    price: int = Field(0, ge=0, description="Per call, in minor units.")
+    fee_bps: int | None = Field(None, ge=0, le=10000)
+    delivery_mode: Literal["sync", "async"] = "sync"
+    max_duration_seconds: int = Field(300, ge=1, le=86400)
+    max_request_bytes: int = Field(262_144, ge=1, le=10_485_760)
+    max_result_bytes: int = Field(1_048_576, ge=1, le=10_485_760)
+
+
+class ApiRegisteredView(BaseModel):
+    api: dict[str, Any]
+    signing_secret: str = Field(description="Verifies that forwarded calls come from Postback.")

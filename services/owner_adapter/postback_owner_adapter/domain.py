@@ -1,0 +1,107 @@
+"""The owner contract, free of I/O: what the forwarded request looks like, how the owner's answer
+is read, and how callback tokens are made."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+from urllib.parse import urlencode
+
+BODY_METHODS = {"POST", "PUT", "PATCH"}
+
+
+def callback_token(secret_key: bytes, request_id: str) -> str:
+    """Derived, not stored: the adapter can check any token without a lookup."""
+    return hmac.new(secret_key, f"callback:{request_id}".encode(), hashlib.sha256).hexdigest()
+
+
+def token_is_valid(secret_key: bytes, request_id: str, token: str) -> bool:
+    return hmac.compare_digest(callback_token(secret_key, request_id), token)
+
+
+def upstream_target(upstream_url: str, path: str) -> str:
+    if path in ("", "/"):
+        return upstream_url
+    return upstream_url.rstrip("/") + "/" + path.lstrip("/")
+
+
+@dataclass(frozen=True)
+class Forward:
+    method: str
+    url: str
+    body: bytes | None
+    headers: dict[str, str]
+
+
+def build_forward(
+    *,
+    request_id: str,
+    method: str,
+    upstream_url: str,
+    path: str,
+    params: dict[str, Any],
+    body: Any,
+    entry: str,
+    deadline: datetime,
+    callback_url: str,
+    token: str,
+) -> Forward:
+    params = dict(params)
+    if entry != "v1" and "webhook_url" in params:
+        # Seed-compatible form: an owner that posts its result to the `webhook_url` it was
+        # given reaches Postback's callback, token included.
+        params["webhook_url"] = f"{callback_url}?token={token}"
+    url = upstream_target(upstream_url, path)
+    payload: bytes | None = None
+    if method in BODY_METHODS:
+        payload = json.dumps(body if body is not None else params, separators=(",", ":")).encode()
+    elif params:
+        url += ("&" if "?" in url else "?") + urlencode(
+            {k: v if isinstance(v, str) else json.dumps(v) for k, v in params.items()}
+        )
+    headers = {
+        "X-Postback-Request-Id": request_id,
+        "X-Postback-Deadline": deadline.isoformat().replace("+00:00", "Z"),
+        "X-Postback-Callback-Url": callback_url,
+        "X-Postback-Callback-Token": token,
+    }
+    if payload is not None:
+        headers["Content-Type"] = "application/json"
+    return Forward(method, url, payload, headers)
+
+
+Verdict = Literal["completed", "accepted", "retry", "refused", "too_large"]
+
+
+def judge_response(status: int, body_size: int, max_result_bytes: int) -> Verdict:
+    """2xx with a result completes the call, 202 means a callback will follow, 5xx and 429 are
+    worth retrying, any other 4xx is the owner refusing the call."""
+    if status == 202:
+        return "accepted"
+    if 200 <= status < 300:
+        return "too_large" if body_size > max_result_bytes else "completed"
+    if status >= 500 or status in (408, 429):
+        return "retry"
+    return "refused"
+
+
+def parse_result(raw: bytes, content_type: str) -> Any:
+    """JSON results are carried as JSON; anything else as text with its content type."""
+    if "json" in content_type or not content_type:
+        try:
+            return json.loads(raw) if raw else None
+        except ValueError:
+            pass
+    return raw.decode(errors="replace")
+
+
+def retry_delay(attempt: int) -> float:
+    return float(min(2 ** (attempt - 1), 30))
+
+
+def result_digest(content_type: str, raw: bytes) -> str:
+    return hashlib.sha256(content_type.encode() + b"\0" + raw).hexdigest()

@@ -1,0 +1,105 @@
+"""Routing decisions: pure functions of the request, the catalog and the consumer's state."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+
+from postback_libs.events import (
+    AccountState,
+    ApiState,
+    CallRejected,
+    CallRequested,
+    CallRouted,
+    CloudEvent,
+    RejectReason,
+)
+
+
+class Catalog:
+    """The APIs and accounts routing knows, built from the compacted topics."""
+
+    def __init__(self) -> None:
+        self.apis: dict[str, ApiState] = {}
+        self.by_slug: dict[str, str] = {}
+        self.accounts: dict[str, AccountState] = {}
+
+    def apply_api(self, event: CloudEvent) -> None:
+        api = ApiState.model_validate(event.data["api"])
+        known = self.apis.get(api.api_id)
+        if known is not None and known.version > api.version:
+            return  # an older state replayed after a newer one
+        if known is not None and known.slug != api.slug:
+            self.by_slug.pop(known.slug, None)
+        self.apis[api.api_id] = api
+        self.by_slug[api.slug] = api.api_id
+
+    def apply_account(self, event: CloudEvent) -> None:
+        account = AccountState.model_validate(event.data["account"])
+        self.accounts[account.account_id] = account
+
+    def find(self, ref: str) -> ApiState | None:
+        return self.apis.get(ref) or self.apis.get(self.by_slug.get(ref, ""))
+
+
+def _reject(req: CallRequested, reason: RejectReason, detail: str) -> CallRejected:
+    return CallRejected(
+        request_id=req.request_id,
+        consumer_id=req.consumer_id,
+        api=req.api,
+        reason=reason,
+        detail=detail,
+        stage="routing",
+    )
+
+
+def request_size(req: CallRequested) -> int:
+    return len(json.dumps([req.params, req.body], separators=(",", ":")).encode())
+
+
+def route(
+    req: CallRequested,
+    api: ApiState | None,
+    consumer: AccountState | None,
+    *,
+    default_fee_bps: int,
+    now: datetime,
+) -> CallRouted | CallRejected:
+    if consumer is not None and consumer.status == "suspended":
+        return _reject(req, "account_suspended", "the consumer's account is suspended")
+    if api is None:
+        return _reject(req, "unknown_api", f"no API named {req.api!r}")
+    if api.status == "retired":
+        return _reject(req, "api_retired", f"API {api.slug!r} is retired")
+    upstream = api.demo_endpoint if req.mode == "demo" else api.endpoint
+    if upstream is None:
+        return _reject(req, "mode_not_available", f"API {api.slug!r} has no {req.mode} mode")
+    if req.method.upper() not in {m.upper() for m in api.methods}:
+        return _reject(
+            req, "method_not_allowed", f"{req.method} is not one of {', '.join(api.methods)}"
+        )
+    if not any(req.path.startswith(prefix) for prefix in api.path_prefixes):
+        return _reject(req, "path_not_allowed", f"path {req.path!r} is not allowed")
+    size = request_size(req)
+    if size > api.max_request_bytes:
+        return _reject(
+            req, "payload_too_large", f"{size} bytes, the API accepts {api.max_request_bytes}"
+        )
+    return CallRouted(
+        request_id=req.request_id,
+        consumer_id=req.consumer_id,
+        owner_id=api.owner_id,
+        api_id=api.api_id,
+        mode=req.mode,
+        upstream_url=upstream,
+        method=req.method.upper(),
+        path=req.path,
+        params=req.params,
+        body=req.body,
+        delivery_mode=api.delivery_mode,
+        price=0 if req.mode == "demo" else api.price,
+        fee_bps=api.fee_bps if api.fee_bps is not None else default_fee_bps,
+        deadline=now + timedelta(seconds=api.max_duration_seconds),
+        entry=req.entry,
+        max_result_bytes=api.max_result_bytes,
+    )

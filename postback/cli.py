@@ -105,5 +105,16 @@ def demo(
     raise typer.Exit(asyncio.run(run_demo(url, data_dir, delay, timeout)))
 
 
+@app.command()
+def schemas(
+    out: Annotated[Path, typer.Option(help="Folder to write.")] = Path("schemas"),
+) -> None:
+    """Regenerate the event JSON Schemas, the AsyncAPI and the OpenAPI documents."""
+    from postback.schemas import write
+
+    changed = write(out)
+    typer.echo(f"updated {len(changed)} files" if changed else "schemas are up to date")
+
+
 def main() -> None:
     app()

@@ -100,6 +100,8 @@ class Stack:
         )
         env.setdefault("POSTBACK_SECRET_KEY", _persistent_secret(self.data_dir / "secret-key"))
         env.setdefault("POSTBACK_ALLOWED_NETWORKS", LOCAL_NETWORKS)
+        # One machine, processes that restart quickly: fast group joins and failover.
+        env.setdefault("POSTBACK_KAFKA_SESSION_TIMEOUT_MS", "2000")
         env.setdefault("POSTBACK_PUBLIC_URL", f"http://127.0.0.1:{self.port('ingress')}")
         env.setdefault("POSTBACK_CALLBACK_URL", f"http://127.0.0.1:{self.port('owner-adapter')}")
         self.env = env

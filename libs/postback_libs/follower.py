@@ -21,16 +21,16 @@ log = get_logger(__name__)
 
 class TopicFollower:
     def __init__(self, bootstrap: str, topic: str, apply: Callable[[CloudEvent], None]) -> None:
-        self.topic, self.apply = topic, apply
-        self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None
-        )
+        self.bootstrap, self.topic, self.apply = bootstrap, topic, apply
         self.partitions: list[TopicPartition] = []
         self._task: asyncio.Task[None] | None = None
         self._progress = asyncio.Condition()
         self._positions: dict[TopicPartition, int] = {}
 
     async def start(self) -> None:
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap, enable_auto_commit=False, group_id=None
+        )
         await self.consumer.start()
         parts = self.consumer.partitions_for_topic(self.topic)
         for _ in range(50):

@@ -45,10 +45,8 @@ class Service:
         self.app = FastAPI(title=f"Postback {name}", version="0.1.0")
         install_problem_handlers(self.app)
         self.pool: Any = None
-        self.producer: AIOKafkaProducer = new_producer(settings)
-        self.broker = KafkaBroker(
-            settings.kafka_bootstrap, client_id=f"postback-{name}", log_level=logging.DEBUG
-        )
+        self.producer: AIOKafkaProducer | None = None
+        self.brokers: list[KafkaBroker] = []
         self.relay: OutboxRelay | None = None
         self.appliers: list[BatchApplier] = []
         self._handlers: list[Handlers] = []
@@ -100,6 +98,7 @@ class Service:
         self.pool = await create_pool(
             s.database_url, self.schema, min_size=s.db_pool_min, max_size=s.db_pool_max
         )
+        self.producer = new_producer(s)
         await self.producer.start()
         self.relay = OutboxRelay(s.database_url, self.schema, self.producer)
         self._tasks.append(asyncio.create_task(self.relay.run(), name="outbox-relay"))
@@ -107,29 +106,39 @@ class Service:
             await fn()
         for handlers in self._handlers:
             self._subscribe(handlers)
-        await self.broker.start()
+        # Groups join in parallel: each join waits on the broker's rebalance delay.
+        await asyncio.gather(*(broker.start() for broker in self.brokers))
         for fn in self._workers:
             self._tasks.append(asyncio.create_task(fn(), name=fn.__name__))
         self._started = True
         log.info("service started", port=s.port_for(self.name))
 
     def _subscribe(self, handlers: Handlers) -> None:
-        relay = self.relay
-        assert relay is not None
+        relay, producer = self.relay, self.producer
+        assert relay is not None and producer is not None
         applier = BatchApplier(
-            handlers, self.pool, self.settings, self.name, self.producer, relay.wake
+            handlers, self.pool, self.settings, self.name, producer, relay.wake
         )
         self.appliers.append(applier)
+        s = self.settings
+        broker = KafkaBroker(
+            s.kafka_bootstrap, client_id=f"postback-{self.name}", log_level=logging.DEBUG
+        )
+        self.brokers.append(broker)
 
         # NACK on error: an exception means the batch's effects did not commit, so the offset
         # must not move; the batch is fetched again.
-        @self.broker.subscriber(
-            self.settings.topic(handlers.topic),
-            group_id=f"postback-{handlers.group}",
+        @broker.subscriber(
+            s.topic(handlers.topic),
+            group_id=f"{s.topic_prefix}postback-{handlers.group}",
             batch=True,
             ack_policy=AckPolicy.NACK_ON_ERROR,
             auto_offset_reset="earliest",
-            max_records=self.settings.consumer_max_records,
+            max_records=s.consumer_max_records,
+            session_timeout_ms=s.kafka_session_timeout_ms,
+            heartbeat_interval_ms=max(100, s.kafka_session_timeout_ms // 4),
+            fetch_max_wait_ms=s.kafka_fetch_max_wait_ms,
+            batch_timeout_ms=s.kafka_fetch_max_wait_ms,
         )
         async def consume(message: KafkaMessage) -> None:
             await applier.apply(message.raw_message)  # type: ignore[arg-type]
@@ -141,7 +150,8 @@ class Service:
         self._stopping.set()
         for applier in self.appliers:
             applier.stopping = True
-        await self.broker.stop()  # the offsets of finished batches are committed
+        # The offsets of finished batches are committed as each group leaves.
+        await asyncio.gather(*(broker.stop() for broker in self.brokers))
         for fn in self._on_stop:
             await fn()
         workers = [t for t in self._tasks if t.get_name() != "outbox-relay"]
@@ -158,7 +168,8 @@ class Service:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*relay_task), 5)
         self._tasks.clear()
-        await self.producer.stop()
+        if self.producer is not None:
+            await self.producer.stop()
         await self.pool.close()
         log.info("service stopped")
 

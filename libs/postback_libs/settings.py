@@ -60,6 +60,12 @@ class Settings(BaseSettings):
 
     # Consumers
     consumer_max_records: int = Field(500, ge=1)
+    kafka_session_timeout_ms: int = Field(
+        10_000, ge=1000, description="How soon a dead consumer's partitions move to another."
+    )
+    kafka_fetch_max_wait_ms: int = Field(
+        100, ge=1, description="Longest wait of an empty fetch; bounds each hop's latency."
+    )
     handler_retries: int = Field(3, ge=0, description="Attempts before an event goes to the DLQ.")
     shutdown_grace_seconds: float = Field(20.0, gt=0)
 

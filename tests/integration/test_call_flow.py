@@ -1,0 +1,119 @@
+"""The whole call flow, every service in-process, over the real broker and database."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from standardwebhooks.webhooks import Webhook
+
+from postback_delivery.app import build as delivery
+from postback_ingress.app import build as ingress
+from postback_owner_adapter.app import build as owner_adapter
+from postback_projection.app import build as projection
+from postback_routing.app import build as routing
+from postback_settlement.app import build as settlement
+from tests.helpers import (
+    OPERATOR,
+    bearer,
+    client,
+    create_account,
+    eventually,
+    owner_server,
+    receiver,
+    running,
+)
+
+ALL = (ingress, routing, settlement, owner_adapter, delivery, projection)
+PRICE = 10
+
+
+async def register_api(http, owner, slug, endpoint, **extra):
+    r = await http.post("/v1/apis", headers=bearer(owner), json={
+        "slug": slug, "name": slug, "endpoint": endpoint, "price": PRICE, **extra})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+async def balance(http, account, role="consumer"):
+    r = await http.get("/v1/accounts/me", headers=bearer(account))
+    return r.json()["balances"].get(role, {}).get("balance", 0)
+
+
+async def test_calls_are_routed_settled_and_delivered_signed(settings):
+    async with owner_server() as owner_http, receiver() as hooks, running(settings, *ALL) as svcs:
+        http = client(svcs[0])
+        owner = await create_account(http, ["owner"], "owner")
+        consumer = await create_account(http, ["consumer"], "consumer")
+        poor = await create_account(http, ["consumer"], "poor")
+        await register_api(http, owner, "sync-api", f"{owner_http.url}/sync")
+        await register_api(http, owner, "async-api", f"{owner_http.url}/async",
+                           delivery_mode="async")
+        r = await http.post(f"/v1/accounts/{consumer['account_id']}/credits",
+                            json={"amount": 1000}, headers=OPERATOR)
+        assert r.status_code == 202
+        await eventually(lambda: _has(http, consumer, 1000), what="credit applied")
+
+        hook = f"{hooks.url}/hook"
+        calls = {}
+        for i in range(20):
+            api = "sync-api" if i % 2 else "async-api"
+            r = await http.post("/v1/calls", headers=bearer(consumer),
+                                json={"api": api, "params": {"n": i}, "webhook_url": hook})
+            assert r.status_code == 202, r.text
+            assert r.headers["Location"] == f"/v1/calls/{r.json()['request_id']}"
+            assert r.headers["Retry-After"]
+            calls[r.json()["request_id"]] = ("completed", i)
+        r = await http.post("/v1/calls", headers=bearer(consumer),
+                            json={"api": "no-such-api", "webhook_url": hook})
+        calls[r.json()["request_id"]] = ("rejected", "unknown_api")
+        r = await http.post("/v1/calls", headers=bearer(poor),
+                            json={"api": "sync-api", "webhook_url": hook})
+        calls[r.json()["request_id"]] = ("rejected", "insufficient_funds")
+
+        await eventually(lambda: len(hooks.received) >= len(calls), timeout=60,
+                         what="every webhook")
+        await asyncio.sleep(0.5)  # a duplicate delivery would show up here
+        assert len(hooks.received) == len(calls)
+        by_request = {}
+        for _, headers, body in hooks.received:
+            payload = json.loads(body)
+            request_id = payload["data"]["request_id"]
+            secret = poor["webhook_secret"] if calls[request_id][1] == "insufficient_funds" \
+                else consumer["webhook_secret"]
+            # A verifier nobody here wrote.
+            Webhook(secret).verify(body, headers)
+            by_request[request_id] = payload
+        assert set(by_request) == set(calls)
+        for request_id, (status, detail) in calls.items():
+            data = by_request[request_id]["data"]
+            assert data["status"] == status
+            if status == "completed":
+                assert data["result"]["echo"] == {"n": detail}
+                assert data["cost"] == PRICE
+            else:
+                assert by_request[request_id]["type"] == "call.rejected"
+                assert data["error"]["reason"] == detail
+
+        async def all_delivered():
+            for request_id in calls:
+                r = await http.get(f"/v1/calls/{request_id}", headers=bearer(
+                    poor if calls[request_id][1] == "insufficient_funds" else consumer))
+                if r.json()["status"] != "delivered":
+                    return False
+            return True
+
+        await eventually(all_delivered, what="read model shows every call delivered")
+        some = next(iter(calls))
+        view = (await http.get(f"/v1/calls/{some}", headers=bearer(consumer))).json()
+        types = [step["type"] for step in view["timeline"]]
+        assert types[0] == "call.requested" and types[-1] == "call.delivered"
+        assert "call.settled" in types
+        # 20 completed calls at PRICE each; the default fee is 10 %.
+        await eventually(lambda: _has(http, consumer, 1000 - 20 * PRICE), what="debits")
+        assert await balance(http, owner, "owner") == 20 * (PRICE - PRICE // 10)
+        assert await balance(http, poor) == 0
+
+
+async def _has(http, account, amount):
+    return await balance(http, account) == amount

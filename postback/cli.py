@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from postback_libs.settings import SERVICES, get_settings
 
 app = typer.Typer(
@@ -64,10 +65,9 @@ def run(service: Annotated[str, typer.Argument(help=" | ".join(SERVICES))]) -> N
 @app.command()
 def migrate() -> None:
     """Create or upgrade every service's Postgres schema."""
+    from postback.stack import PACKAGES
     from postback_libs.db import migrate as run_migrate
     from postback_libs.db import schema_for
-
-    from postback.stack import PACKAGES
 
     settings = get_settings()
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+
 from postback_libs.signing import SignatureError, verify
 
 PRICE = 25

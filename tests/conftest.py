@@ -16,7 +16,9 @@ from postback_libs.topics import ensure_topics
 
 
 @pytest.fixture(scope="session")
-def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[EmbeddedPostgres, EmbeddedKafka]]:
+def infra(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[EmbeddedPostgres, EmbeddedKafka]]:
     root: Path = tmp_path_factory.mktemp("infra")
     pg = EmbeddedPostgres(root / "pg", free_port(), durable=False)
     kafka = EmbeddedKafka(free_port(), root / "broker.log")

@@ -61,7 +61,7 @@ class Decoded:
 def _header(record: ConsumerRecord[bytes, bytes], name: str) -> str | None:
     for k, v in record.headers or ():
         if k == name:
-            return v.decode()
+            return bytes(v).decode()
     return None
 
 
@@ -167,7 +167,7 @@ class BatchApplier:
         key = (record.key or b"").decode(errors="replace")
         letter = DeadLetterRecorded(
             consumer_group=self.group,
-            topic=record.topic,
+            original_topic=record.topic,
             partition=record.partition,
             offset=record.offset,
             original_key=key,

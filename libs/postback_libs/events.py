@@ -32,7 +32,7 @@ CALLS = Topic("postback.calls", "request id", "delete", WEEK_MS, "The story of e
 DELIVERIES = Topic(
     "postback.deliveries", "delivery id", "delete", WEEK_MS, "Every webhook delivery attempt."
 )
-LEDGER = Topic("postback.ledger", "account id", "delete", -1, "Every movement of money.")
+LEDGER = Topic("postback.ledger", "ledger account id", "delete", -1, "Every movement of money.")
 CATALOG = Topic("postback.catalog", "api id", "compact", -1, "Full state of every API.")
 ACCOUNTS = Topic("postback.accounts", "account id", "compact", -1, "Accounts, hashes only.")
 WEBHOOKS = Topic("postback.webhooks", "endpoint id", "compact", -1, "Webhook endpoints.")
@@ -126,7 +126,7 @@ def envelope_model(type_: str) -> type[BaseModel]:
         name,
         __base__=CloudEvent,
         __doc__=data_model.__doc__,
-        type=(Literal[type_], Field(...)),  # type: ignore[valid-type]
+        type=(Literal[type_], Field(...)),  # type: ignore[arg-type]
         data=(data_model, Field(...)),
     )
     return model
@@ -347,22 +347,29 @@ class EndpointDisabled(EndpointRef):
 
 
 # postback.ledger ----------------------------------------------------------------------------
+# Keyed by ledger account ("consumer:<account id>", "owner:<account id>", ...): every event that
+# moves a consumer's balance first lands in that balance's partition, in order.
 
 
-@event("credit.requested", LEDGER, "account_id")
-class CreditRequested(EventData):
+class ConsumerLedgerEvent(EventData):
+    account_id: str
+
+    def key(self) -> str:
+        return f"consumer:{self.account_id}"
+
+
+@event("credit.requested", LEDGER)
+class CreditRequested(ConsumerLedgerEvent):
     """An operator asked settlement to credit an account (funds come from operator funding)."""
 
     credit_id: str
-    account_id: str
     amount: Money = Field(gt=0)
     note: str = ""
 
 
-@event("account.credited", LEDGER, "account_id")
-class AccountCredited(EventData):
+@event("account.credited", LEDGER)
+class AccountCredited(ConsumerLedgerEvent):
     credit_id: str
-    account_id: str
     amount: Money = Field(gt=0)
     balance: Money
 
@@ -396,9 +403,8 @@ class TransferVoided(EventData):
     amount: Money = Field(ge=0)
 
 
-@event("balance.low", LEDGER, "account_id")
-class BalanceLow(EventData):
-    account_id: str
+@event("balance.low", LEDGER)
+class BalanceLow(ConsumerLedgerEvent):
     balance: Money
     threshold: Money
 
@@ -539,7 +545,7 @@ class DeadLetterRecorded(EventData):
     """A message a consumer group could not process after its retries."""
 
     consumer_group: str
-    topic: str
+    original_topic: str
     partition: int
     offset: int
     original_key: str

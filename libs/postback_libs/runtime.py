@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import uvicorn
@@ -28,7 +28,7 @@ from postback_libs.telemetry import configure_tracing
 
 log = get_logger(__name__)
 
-Worker = Callable[[], Awaitable[None]]
+Worker = Callable[[], Coroutine[Any, Any, None]]
 
 
 class _Server(uvicorn.Server):
@@ -115,10 +115,9 @@ class Service:
 
     def _subscribe(self, handlers: Handlers) -> None:
         relay, producer = self.relay, self.producer
-        assert relay is not None and producer is not None
-        applier = BatchApplier(
-            handlers, self.pool, self.settings, self.name, producer, relay.wake
-        )
+        assert relay is not None
+        assert producer is not None
+        applier = BatchApplier(handlers, self.pool, self.settings, self.name, producer, relay.wake)
         self.appliers.append(applier)
         s = self.settings
         broker = KafkaBroker(
@@ -141,7 +140,7 @@ class Service:
             batch_timeout_ms=s.kafka_fetch_max_wait_ms,
         )
         async def consume(message: KafkaMessage) -> None:
-            await applier.apply(message.raw_message)  # type: ignore[arg-type]
+            await applier.apply(message.raw_message)
 
     async def stop(self) -> None:
         if not self._started:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 
@@ -16,7 +16,7 @@ class WorkQueue:
     def __init__(
         self,
         claim: Callable[[int], Awaitable[list[Any]]],
-        work: Callable[[Any], Awaitable[None]],
+        work: Callable[[Any], Coroutine[Any, Any, None]],
         *,
         concurrency: int,
         idle_poll_seconds: float = 0.5,

@@ -29,8 +29,11 @@ PRICE = 10
 
 
 async def register_api(http, owner, slug, endpoint, **extra):
-    r = await http.post("/v1/apis", headers=bearer(owner), json={
-        "slug": slug, "name": slug, "endpoint": endpoint, "price": PRICE, **extra})
+    r = await http.post(
+        "/v1/apis",
+        headers=bearer(owner),
+        json={"slug": slug, "name": slug, "endpoint": endpoint, "price": PRICE, **extra},
+    )
     assert r.status_code == 201, r.text
     return r.json()
 
@@ -47,10 +50,14 @@ async def test_calls_are_routed_settled_and_delivered_signed(settings):
         consumer = await create_account(http, ["consumer"], "consumer")
         poor = await create_account(http, ["consumer"], "poor")
         await register_api(http, owner, "sync-api", f"{owner_http.url}/sync")
-        await register_api(http, owner, "async-api", f"{owner_http.url}/async",
-                           delivery_mode="async")
-        r = await http.post(f"/v1/accounts/{consumer['account_id']}/credits",
-                            json={"amount": 1000}, headers=OPERATOR)
+        await register_api(
+            http, owner, "async-api", f"{owner_http.url}/async", delivery_mode="async"
+        )
+        r = await http.post(
+            f"/v1/accounts/{consumer['account_id']}/credits",
+            json={"amount": 1000},
+            headers=OPERATOR,
+        )
         assert r.status_code == 202
         await eventually(lambda: _has(http, consumer, 1000), what="credit applied")
 
@@ -58,29 +65,38 @@ async def test_calls_are_routed_settled_and_delivered_signed(settings):
         calls = {}
         for i in range(20):
             api = "sync-api" if i % 2 else "async-api"
-            r = await http.post("/v1/calls", headers=bearer(consumer),
-                                json={"api": api, "params": {"n": i}, "webhook_url": hook})
+            r = await http.post(
+                "/v1/calls",
+                headers=bearer(consumer),
+                json={"api": api, "params": {"n": i}, "webhook_url": hook},
+            )
             assert r.status_code == 202, r.text
             assert r.headers["Location"] == f"/v1/calls/{r.json()['request_id']}"
             assert r.headers["Retry-After"]
             calls[r.json()["request_id"]] = ("completed", i)
-        r = await http.post("/v1/calls", headers=bearer(consumer),
-                            json={"api": "no-such-api", "webhook_url": hook})
+        r = await http.post(
+            "/v1/calls", headers=bearer(consumer), json={"api": "no-such-api", "webhook_url": hook}
+        )
         calls[r.json()["request_id"]] = ("rejected", "unknown_api")
-        r = await http.post("/v1/calls", headers=bearer(poor),
-                            json={"api": "sync-api", "webhook_url": hook})
+        r = await http.post(
+            "/v1/calls", headers=bearer(poor), json={"api": "sync-api", "webhook_url": hook}
+        )
         calls[r.json()["request_id"]] = ("rejected", "insufficient_funds")
 
-        await eventually(lambda: len(hooks.received) >= len(calls), timeout=60,
-                         what="every webhook")
+        await eventually(
+            lambda: len(hooks.received) >= len(calls), timeout=60, what="every webhook"
+        )
         await asyncio.sleep(0.5)  # a duplicate delivery would show up here
         assert len(hooks.received) == len(calls)
         by_request = {}
         for _, headers, body in hooks.received:
             payload = json.loads(body)
             request_id = payload["data"]["request_id"]
-            secret = poor["webhook_secret"] if calls[request_id][1] == "insufficient_funds" \
+            secret = (
+                poor["webhook_secret"]
+                if calls[request_id][1] == "insufficient_funds"
                 else consumer["webhook_secret"]
+            )
             # A verifier nobody here wrote.
             Webhook(secret).verify(body, headers)
             by_request[request_id] = payload
@@ -97,8 +113,12 @@ async def test_calls_are_routed_settled_and_delivered_signed(settings):
 
         async def all_delivered():
             for request_id in calls:
-                r = await http.get(f"/v1/calls/{request_id}", headers=bearer(
-                    poor if calls[request_id][1] == "insufficient_funds" else consumer))
+                r = await http.get(
+                    f"/v1/calls/{request_id}",
+                    headers=bearer(
+                        poor if calls[request_id][1] == "insufficient_funds" else consumer
+                    ),
+                )
                 if r.json()["status"] != "delivered":
                     return False
             return True

@@ -8,6 +8,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+
 from postback_libs.outbound import (
     AddressPolicy,
     BlockedAddressError,

@@ -6,6 +6,7 @@ import aiohttp
 import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.client_reqrep import ConnectionKey
+
 from postback_libs.outbound import (
     AddressPolicy,
     BlockedAddressError,

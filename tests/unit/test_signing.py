@@ -4,6 +4,7 @@ import time
 import pytest
 import standardwebhooks.webhooks as stdwh
 import svix.webhooks as svixwh
+
 from postback_libs.signing import (
     SignatureError,
     derive_secret,

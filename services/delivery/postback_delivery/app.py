@@ -10,6 +10,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
+
+from postback_delivery import domain
 from postback_libs.consumer import Handlers
 from postback_libs.events import (
     CALLS,
@@ -27,6 +29,7 @@ from postback_libs.events import (
     DeliveryExhausted,
     DeliveryFailed,
     DeliverySucceeded,
+    ErrorClass,
     EventData,
 )
 from postback_libs.ids import derived_id
@@ -37,8 +40,6 @@ from postback_libs.runtime import Service
 from postback_libs.settings import Settings
 from postback_libs.signing import derive_secret, webhook_headers
 from postback_libs.workqueue import WorkQueue
-
-from postback_delivery import domain
 
 log = get_logger(__name__)
 USER_AGENT = "Postback/0.1.0"
@@ -148,7 +149,8 @@ def build(settings: Settings) -> Service:
         )
         started = time.perf_counter()
         status_code: int | None = None
-        excerpt, error_class, retry_after = "", None, None
+        excerpt, retry_after = "", None
+        error_class: ErrorClass | None = None
         try:
             async with session["http"].post(
                 row["url"], data=row["body"], headers=headers, allow_redirects=False

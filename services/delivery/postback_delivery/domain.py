@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from datetime import datetime
 from email.utils import parsedate_to_datetime
@@ -53,6 +54,8 @@ def retry_after_seconds(value: str | None, now: datetime) -> float | None:
             seconds = (parsedate_to_datetime(value) - now).total_seconds()
         except (TypeError, ValueError):
             return None
+    if math.isnan(seconds):
+        return None
     return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 

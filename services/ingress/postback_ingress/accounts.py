@@ -8,17 +8,6 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
-from postback_libs.events import (
-    AccountCreated,
-    AccountState,
-    ApiRegistered,
-    ApiState,
-    CreditRequested,
-)
-from postback_libs.http import Problem
-from postback_libs.ids import uuid7
-from postback_libs.runtime import Service
-from postback_libs.signing import derive_secret, generate_api_key, hash_secret, parse_api_key
 
 from postback_ingress.auth import authenticate, require_operator, require_role
 from postback_ingress.models import (
@@ -31,6 +20,17 @@ from postback_ingress.models import (
     CreditCreate,
 )
 from postback_ingress.models import AccountCreated as AccountCreatedView
+from postback_libs.events import (
+    AccountCreated,
+    AccountState,
+    ApiRegistered,
+    ApiState,
+    CreditRequested,
+)
+from postback_libs.http import Problem
+from postback_libs.ids import uuid7
+from postback_libs.runtime import Service
+from postback_libs.signing import derive_secret, generate_api_key, hash_secret, parse_api_key
 
 
 def router(service: Service) -> APIRouter:

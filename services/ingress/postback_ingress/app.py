@@ -3,10 +3,9 @@ outbox, committed), owns accounts and the catalog, and answers reads from the re
 
 from __future__ import annotations
 
+from postback_ingress import accounts, calls
 from postback_libs.runtime import Service
 from postback_libs.settings import Settings
-
-from postback_ingress import accounts, calls
 
 
 def build(settings: Settings) -> Service:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
+
 from postback_libs.http import Problem
 from postback_libs.signing import parse_api_key, secret_matches
 

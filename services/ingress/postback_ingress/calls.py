@@ -8,14 +8,14 @@ from typing import Any
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
-from postback_libs.events import CallRequested, Entry
-from postback_libs.http import Problem
-from postback_libs.ids import new_request_id
-from postback_libs.runtime import Service
 from pydantic import ValidationError
 
 from postback_ingress.auth import Caller, authenticate
 from postback_ingress.models import CallAccepted, CallRequest, CallView, TimelineEntry
+from postback_libs.events import CallRequested, Entry
+from postback_libs.http import Problem
+from postback_libs.ids import new_request_id
+from postback_libs.runtime import Service
 
 RETRY_AFTER_SECONDS = "1"
 

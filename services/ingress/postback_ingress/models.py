@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from postback_libs.events import Mode
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
+
+from postback_libs.events import Mode
 
 
 class CallRequest(BaseModel):
@@ -103,7 +104,8 @@ class ApiCreate(BaseModel):
     endpoint: AnyHttpUrl
     demo_endpoint: AnyHttpUrl | None = None
     methods: list[Literal["GET", "POST", "PUT", "PATCH", "DELETE"]] = Field(
-        default_factory=lambda: ["POST"], min_length=1
+        default_factory=lambda: ["POST"],  # type: ignore[arg-type]
+        min_length=1,
     )
     path_prefixes: list[str] = Field(default_factory=lambda: ["/"], min_length=1)
     price: int = Field(0, ge=0, description="Per call, in minor units.")

@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 from fastapi import Request, Response
+
 from postback_libs.consumer import Handlers
 from postback_libs.events import (
     CALLS,
@@ -37,7 +38,6 @@ from postback_libs.runtime import Service
 from postback_libs.settings import Settings
 from postback_libs.signing import derive_secret, webhook_headers
 from postback_libs.workqueue import WorkQueue
-
 from postback_owner_adapter import domain
 
 log = get_logger(__name__)

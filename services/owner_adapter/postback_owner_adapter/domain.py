@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 BODY_METHODS = {"POST", "PUT", "PATCH"}
 
@@ -20,13 +20,16 @@ def callback_token(secret_key: bytes, request_id: str) -> str:
 
 
 def token_is_valid(secret_key: bytes, request_id: str, token: str) -> bool:
-    return hmac.compare_digest(callback_token(secret_key, request_id), token)
+    return hmac.compare_digest(callback_token(secret_key, request_id).encode(), token.encode())
 
 
 def upstream_target(upstream_url: str, path: str) -> str:
+    """The call's path under the API's endpoint; the endpoint's own query string stays last."""
     if path in ("", "/"):
         return upstream_url
-    return upstream_url.rstrip("/") + "/" + path.lstrip("/")
+    parts = urlsplit(upstream_url)
+    joined = parts.path.rstrip("/") + "/" + path.lstrip("/")
+    return urlunsplit(parts._replace(path=joined))
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ from postback_libs.events import (
 from postback_libs.outbox import UnitOfWork
 from postback_libs.runtime import Service
 from postback_libs.settings import Settings
-
 from postback_projection.domain import COLUMNS, STAGES, call_fields
 
 JSON_COLUMNS = {"result", "error"}

@@ -10,7 +10,6 @@ from postback_libs.follower import TopicFollower
 from postback_libs.outbox import UnitOfWork
 from postback_libs.runtime import Service
 from postback_libs.settings import Settings
-
 from postback_routing.domain import Catalog, route
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import posixpath
 from datetime import datetime, timedelta
+from urllib.parse import unquote
 
 from postback_libs.events import (
     AccountState,
@@ -29,8 +31,9 @@ class Catalog:
         known = self.apis.get(api.api_id)
         if known is not None and known.version > api.version:
             return  # an older state replayed after a newer one
-        if known is not None and known.slug != api.slug:
-            self.by_slug.pop(known.slug, None)
+        renamed = known is not None and known.slug != api.slug
+        if renamed and known is not None and self.by_slug.get(known.slug) == api.api_id:
+            del self.by_slug[known.slug]
         self.apis[api.api_id] = api
         self.by_slug[api.slug] = api.api_id
 
@@ -51,6 +54,20 @@ def _reject(req: CallRequested, reason: RejectReason, detail: str) -> CallReject
         detail=detail,
         stage="routing",
     )
+
+
+def path_allowed(path: str, prefixes: list[str]) -> bool:
+    """Whether `path` lies under one of the prefixes. Dot segments (plain or percent-encoded)
+    are refused outright: an HTTP client would resolve them and leave the prefix."""
+    decoded = unquote(path)
+    if posixpath.normpath(decoded) != decoded.rstrip("/") and decoded != "/":
+        return False
+    for prefix in prefixes:
+        if prefix.endswith("/") and path.startswith(prefix):
+            return True
+        if path == prefix or path.startswith(prefix.rstrip("/") + "/"):
+            return True
+    return False
 
 
 def request_size(req: CallRequested) -> int:
@@ -78,7 +95,7 @@ def route(
         return _reject(
             req, "method_not_allowed", f"{req.method} is not one of {', '.join(api.methods)}"
         )
-    if not any(req.path.startswith(prefix) for prefix in api.path_prefixes):
+    if not path_allowed(req.path, api.path_prefixes):
         return _reject(req, "path_not_allowed", f"path {req.path!r} is not allowed")
     size = request_size(req)
     if size > api.max_request_bytes:

@@ -27,7 +27,6 @@ from postback_libs.events import (
 from postback_libs.outbox import UnitOfWork
 from postback_libs.runtime import Service
 from postback_libs.settings import Settings
-
 from postback_settlement import ledger
 from postback_settlement.domain import (
     consumer_account,
@@ -152,7 +151,7 @@ def build(settings: Settings) -> Service:
                 request_id=outcome.request_id,
                 consumer_id=r["consumer_id"],
                 amount=r["amount"],
-                outcome=event.type,  # type: ignore[arg-type]
+                outcome=event.type,
             ),
             cause=event.id,
         )

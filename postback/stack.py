@@ -139,6 +139,8 @@ class Stack:
             env=env,
             start_new_session=True,
         )
+        (self.data_dir / "pids").mkdir(exist_ok=True)
+        (self.data_dir / "pids" / f"{service}.pid").write_text(str(child.proc.pid))
 
     def wait_ready(self, timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout

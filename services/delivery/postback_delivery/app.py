@@ -232,7 +232,7 @@ def build(settings: Settings) -> Service:
             "   ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED)"
             " RETURNING *",
             n,
-            settings.delivery_timeout_seconds + 30,
+            settings.delivery_timeout_seconds + 5,
         )
         return rows
 

@@ -223,7 +223,7 @@ def build(settings: Settings) -> Service:
             "   ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED)"
             " RETURNING *",
             n,
-            settings.owner_timeout_seconds + 30,
+            settings.owner_timeout_seconds + 5,
         )
         return rows
 

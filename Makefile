@@ -9,6 +9,7 @@ help:  ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
 install:  ## Install the locked workspace, the embedded broker and database included
+	@command -v $(UV) >/dev/null 2>&1 || python3 -m pip install --quiet uv
 	$(UV) sync --all-extras --frozen
 
 dev: install  ## Install, start the whole system on the embedded default, and run the demo

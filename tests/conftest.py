@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from postback.embedded import EmbeddedKafka, EmbeddedPostgres, free_port
-from postback_libs.settings import Settings
+from postback.stack import PACKAGES
+from postback_libs.db import migrate, schema_for
+from postback_libs.settings import SERVICES, Settings
 from postback_libs.topics import ensure_topics
 
 
@@ -52,6 +54,10 @@ async def settings(infra: tuple[EmbeddedPostgres, EmbeddedKafka]) -> AsyncIterat
         kafka_session_timeout_ms=2000,
     )
     await ensure_topics(s)
+    # As `postback migrate` does before a deployment starts: every schema exists, so a service
+    # that reads the read model works without projection running in the test.
+    for service in SERVICES:
+        await migrate(s.database_url, schema_for(service), PACKAGES[service])
     yield s
 
 

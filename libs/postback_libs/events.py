@@ -234,6 +234,7 @@ class CallCompleted(CallRef):
     """The owner's result: from its response (sync) or its callback (async)."""
 
     via: Literal["response", "callback"]
+    upstream_url: str | None = None
     status_code: int | None = None
     content_type: str = "application/json"
     result: Any = None
@@ -244,6 +245,7 @@ class CallFailed(CallRef):
     """The owner could not produce a result."""
 
     reason: Literal["owner_unreachable", "owner_error", "owner_refused", "result_too_large"]
+    upstream_url: str | None = None
     status_code: int | None = None
     detail: str = ""
 
@@ -424,6 +426,9 @@ class ApiState(BaseModel):
     tags: list[str] = Field(default_factory=list)
     status: Literal["active", "retired"] = "active"
     endpoint: str
+    endpoints: list[str] = Field(
+        default_factory=list, description="More production upstreams; calls spread across all."
+    )
     demo_endpoint: str | None = None
     methods: list[str] = Field(default_factory=lambda: ["POST"])
     path_prefixes: list[str] = Field(default_factory=lambda: ["/"])
@@ -434,6 +439,12 @@ class ApiState(BaseModel):
     max_request_bytes: int = Field(262_144, ge=1)
     max_result_bytes: int = Field(1_048_576, ge=1)
     signing_secret_version: int = 1
+    rate_limit_per_second: float | None = Field(
+        None, gt=0, description="Per consumer: sustained calls per second (token bucket)."
+    )
+    rate_limit_burst: int | None = Field(None, ge=1, description="Per consumer: bucket size.")
+    quota_per_day: int | None = Field(None, ge=1, description="Per consumer, UTC days.")
+    quota_per_month: int | None = Field(None, ge=1, description="Per consumer, UTC months.")
     version: int = Field(1, ge=1)
 
 
@@ -492,6 +503,11 @@ class AccountKeyRotated(AccountChange):
 @event("account.suspended", ACCOUNTS)
 class AccountSuspended(AccountChange):
     reason: str = ""
+
+
+@event("account.reinstated", ACCOUNTS)
+class AccountReinstated(AccountChange):
+    """A suspension was lifted."""
 
 
 # postback.webhooks --------------------------------------------------------------------------

@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     )
 
     # Secrets
+    key_rotation_overlap_seconds: int = Field(
+        86_400, ge=0, description="How long a rotated account secret keeps working."
+    )
     operator_token: SecretStr = Field(
         SecretStr(""), description="Token for operator actions; empty disables them."
     )

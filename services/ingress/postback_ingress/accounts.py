@@ -1,36 +1,45 @@
-"""Accounts, operator credits and the catalog: the state ingress owns and publishes."""
+"""Accounts and operator credits: the account state ingress owns and publishes (hashes only)."""
 
 from __future__ import annotations
 
-import json
 import secrets
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Request
 
-from postback_ingress.auth import authenticate, require_operator, require_role
+from postback_ingress.auth import authenticate, require_operator
 from postback_ingress.models import (
     AccountCreate,
     AccountView,
-    ApiCreate,
-    ApiRegisteredView,
     Balance,
     CreditAccepted,
     CreditCreate,
+    KeyRotated,
+    Suspension,
 )
 from postback_ingress.models import AccountCreated as AccountCreatedView
 from postback_libs.events import (
     AccountCreated,
+    AccountKeyRotated,
+    AccountReinstated,
     AccountState,
-    ApiRegistered,
-    ApiState,
+    AccountSuspended,
     CreditRequested,
 )
 from postback_libs.http import Problem
 from postback_libs.ids import uuid7
 from postback_libs.runtime import Service
 from postback_libs.signing import derive_secret, generate_api_key, hash_secret, parse_api_key
+
+
+def new_key() -> tuple[str, str, str]:
+    """(key id, secret to show once, hash to keep)."""
+    key_id = secrets.token_hex(8)
+    secret = generate_api_key(key_id)
+    parsed = parse_api_key(secret)
+    assert parsed is not None
+    return key_id, secret, hash_secret(parsed[1])
 
 
 def router(service: Service) -> APIRouter:
@@ -46,16 +55,13 @@ def router(service: Service) -> APIRouter:
         """Create a consumer and/or owner account (operator). The secret is shown only here."""
         operator(request)
         account_id = f"acc_{uuid7().hex}"
-        key_id = secrets.token_hex(8)
-        secret = generate_api_key(key_id)
-        parsed = parse_api_key(secret)
-        assert parsed is not None
+        key_id, secret, key_hash = new_key()
         state = AccountState(
             account_id=account_id,
             name=body.name,
             roles=sorted(set(body.roles)),
             key_id=key_id,
-            key_hash=hash_secret(parsed[1]),
+            key_hash=key_hash,
         )
         async with service.unit_of_work() as uow:
             await uow.conn.execute(
@@ -120,51 +126,64 @@ def router(service: Service) -> APIRouter:
             )
         return CreditAccepted(credit_id=credit_id, account_id=account_id, amount=body.amount)
 
-    @api.post("/v1/apis", status_code=201, response_model=ApiRegisteredView, tags=["catalog"])
-    async def register_api(body: ApiCreate, request: Request) -> ApiRegisteredView:
-        """Register an API (owner)."""
-        caller = await authenticate(service.pool, request)
-        require_role(caller, "owner")
-        fields: dict[str, Any] = body.model_dump(mode="json")
-        state = ApiState(api_id=f"api_{uuid7().hex}", owner_id=caller.account_id, **fields)
-        async with service.unit_of_work() as uow:
-            taken = await uow.conn.fetchval(
-                "INSERT INTO apis (api_id, slug, owner_id, state) VALUES ($1, $2, $3, $4)"
-                " ON CONFLICT (slug) DO NOTHING RETURNING api_id",
-                state.api_id,
-                state.slug,
-                caller.account_id,
-                state.model_dump_json(),
-            )
-            if taken is None:
-                raise Problem(
-                    409,
-                    "slug-taken",
-                    "Slug taken",
-                    f"another API already uses the slug {state.slug!r}",
-                )
-            uow.emit(ApiRegistered(api=state))
-        return ApiRegisteredView(
-            api=state.model_dump(mode="json"),
-            signing_secret=derive_secret(master, "api", state.api_id),
-        )
-
-    @api.get("/v1/apis/{ref}", tags=["catalog"])
-    async def get_api(ref: str) -> JSONResponse:
-        row = await service.pool.fetchrow(
-            "SELECT state FROM apis WHERE api_id = $1 OR slug = $1", ref
+    async def account_state(conn: Any, account_id: str) -> AccountState:
+        row = await conn.fetchrow(
+            "SELECT account_id, name, roles, status, key_id, key_hash FROM accounts"
+            " WHERE account_id = $1 FOR UPDATE",
+            account_id,
         )
         if row is None:
-            raise Problem(404, "api-not-found", "API not found", f"no API {ref!r}")
-        return JSONResponse(json.loads(row["state"]))
+            raise Problem(404, "account-not-found", "Account not found", f"no account {account_id}")
+        return AccountState(**dict(row))
 
-    @api.get("/v1/apis", tags=["catalog"])
-    async def list_apis(q: str = Query("", max_length=200)) -> JSONResponse:
-        rows = await service.pool.fetch(
-            "SELECT state FROM apis WHERE $1 = '' OR state->>'name' ILIKE '%' || $1 || '%'"
-            " OR state->>'description' ILIKE '%' || $1 || '%' ORDER BY slug LIMIT 100",
-            q,
+    @api.post("/v1/accounts/me/keys/rotate", response_model=KeyRotated, tags=["accounts"])
+    async def rotate_key(request: Request) -> KeyRotated:
+        """A new secret, shown once; the previous one keeps working for the overlap period so
+        clients can switch without downtime."""
+        caller = await authenticate(service.pool, request)
+        key_id, secret, key_hash = new_key()
+        valid_until = datetime.now(UTC) + timedelta(seconds=settings.key_rotation_overlap_seconds)
+        async with service.unit_of_work() as uow:
+            current = await account_state(uow.conn, caller.account_id)
+            await uow.conn.execute(
+                "UPDATE accounts SET previous_key_id = key_id, previous_key_hash = key_hash,"
+                " previous_valid_until = $2, key_id = $3, key_hash = $4 WHERE account_id = $1",
+                caller.account_id,
+                valid_until,
+                key_id,
+                key_hash,
+            )
+            state = current.model_copy(update={"key_id": key_id, "key_hash": key_hash})
+            uow.emit(AccountKeyRotated(account=state, previous_key_valid_until=valid_until))
+        return KeyRotated(secret=secret, previous_key_valid_until=valid_until)
+
+    async def set_status(account_id: str, status: str, reason: str) -> AccountView:
+        async with service.unit_of_work() as uow:
+            current = await account_state(uow.conn, account_id)
+            if current.status != status:
+                await uow.conn.execute(
+                    "UPDATE accounts SET status = $2 WHERE account_id = $1", account_id, status
+                )
+                state = current.model_copy(update={"status": status})
+                uow.emit(
+                    AccountSuspended(account=state, reason=reason)
+                    if status == "suspended"
+                    else AccountReinstated(account=state)
+                )
+        return AccountView(
+            account_id=account_id, name=current.name, roles=list(current.roles), status=status
         )
-        return JSONResponse({"data": [json.loads(r["state"]) for r in rows]})
+
+    @api.post("/v1/accounts/{account_id}/suspend", response_model=AccountView, tags=["accounts"])
+    async def suspend(account_id: str, body: Suspension, request: Request) -> AccountView:
+        """Suspend an account (operator): its new calls are refused with `account_suspended`."""
+        operator(request)
+        return await set_status(account_id, "suspended", body.reason)
+
+    @api.post("/v1/accounts/{account_id}/reinstate", response_model=AccountView, tags=["accounts"])
+    async def reinstate(account_id: str, request: Request) -> AccountView:
+        """Lift a suspension (operator)."""
+        operator(request)
+        return await set_status(account_id, "active", "")
 
     return api

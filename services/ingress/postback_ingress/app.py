@@ -3,7 +3,7 @@ outbox, committed), owns accounts and the catalog, and answers reads from the re
 
 from __future__ import annotations
 
-from postback_ingress import accounts, calls
+from postback_ingress import accounts, calls, catalog
 from postback_libs.runtime import Service
 from postback_libs.settings import Settings
 
@@ -17,4 +17,5 @@ def build(settings: Settings) -> Service:
     )
     service.app.include_router(calls.router(service))
     service.app.include_router(accounts.router(service))
+    service.app.include_router(catalog.router(service))
     return service

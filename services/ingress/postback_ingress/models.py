@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
@@ -83,6 +84,16 @@ class AccountView(BaseModel):
     )
 
 
+class KeyRotated(BaseModel):
+    secret: str = Field(description="Shown once.")
+    previous_key_valid_until: datetime
+
+
+class Suspension(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field("", max_length=500)
+
+
 class CreditCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     amount: int = Field(gt=0, description="Minor units.")
@@ -95,13 +106,18 @@ class CreditAccepted(BaseModel):
     amount: int
 
 
-class ApiCreate(BaseModel):
+class ApiFields(BaseModel):
+    """What an owner sets on an API; registration needs some, an update any."""
+
     model_config = ConfigDict(extra="forbid")
     slug: str = Field(pattern="^[a-z0-9][a-z0-9-]{1,62}$")
     name: str = Field(min_length=1, max_length=200)
     description: str = Field("", max_length=5000)
     tags: list[str] = Field(default_factory=list, max_length=20)
     endpoint: AnyHttpUrl
+    endpoints: list[AnyHttpUrl] = Field(
+        default_factory=list, max_length=20, description="More upstreams; calls spread across all."
+    )
     demo_endpoint: AnyHttpUrl | None = None
     methods: list[Literal["GET", "POST", "PUT", "PATCH", "DELETE"]] = Field(
         default_factory=lambda: ["POST"],  # type: ignore[arg-type]
@@ -114,6 +130,22 @@ class ApiCreate(BaseModel):
     max_duration_seconds: int = Field(300, ge=1, le=86400)
     max_request_bytes: int = Field(262_144, ge=1, le=10_485_760)
     max_result_bytes: int = Field(1_048_576, ge=1, le=10_485_760)
+    rate_limit_per_second: float | None = Field(None, gt=0, le=100_000)
+    rate_limit_burst: int | None = Field(None, ge=1, le=1_000_000)
+    quota_per_day: int | None = Field(None, ge=1)
+    quota_per_month: int | None = Field(None, ge=1)
+
+
+class ApiCreate(ApiFields):
+    pass
+
+
+class ApiUpdate(ApiFields):
+    """Any subset of the fields; the others keep their values."""
+
+    slug: str | None = Field(None, pattern="^[a-z0-9][a-z0-9-]{1,62}$")  # type: ignore[assignment]
+    name: str | None = Field(None, min_length=1, max_length=200)  # type: ignore[assignment]
+    endpoint: AnyHttpUrl | None = None  # type: ignore[assignment]
 
 
 class ApiRegisteredView(BaseModel):

@@ -165,6 +165,7 @@ def build(settings: Settings) -> Service:
                 CallCompleted(
                     request_id=rid,
                     via="response",
+                    upstream_url=row["upstream_url"],
                     status_code=status,
                     content_type=ctype or "application/json",
                     result=domain.parse_result(raw, ctype),
@@ -191,6 +192,7 @@ def build(settings: Settings) -> Service:
                 CallFailed(
                     request_id=rid,
                     reason=reason,
+                    upstream_url=row["upstream_url"],
                     status_code=status,
                     detail=raw[:500].decode(errors="replace"),
                 ),
@@ -210,7 +212,13 @@ def build(settings: Settings) -> Service:
             "dispatching",
             "failed",
             dispatched,
-            CallFailed(request_id=rid, reason=reason, status_code=status, detail=detail),
+            CallFailed(
+                request_id=rid,
+                reason=reason,
+                upstream_url=row["upstream_url"],
+                status_code=status,
+                detail=detail,
+            ),
         )
 
     async def claim(n: int) -> list[Any]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from urllib.parse import unquote
 
@@ -45,7 +47,7 @@ class Catalog:
         return self.apis.get(ref) or self.apis.get(self.by_slug.get(ref, ""))
 
 
-def _reject(req: CallRequested, reason: RejectReason, detail: str) -> CallRejected:
+def reject(req: CallRequested, reason: RejectReason, detail: str) -> CallRejected:
     return CallRejected(
         request_id=req.request_id,
         consumer_id=req.consumer_id,
@@ -74,6 +76,61 @@ def request_size(req: CallRequested) -> int:
     return len(json.dumps([req.params, req.body], separators=(",", ":")).encode())
 
 
+def choose_upstream(request_id: str, candidates: list[str], unhealthy: set[str]) -> str:
+    """Spread calls across upstreams by request id (stable, so a replay picks the same one),
+    skipping unhealthy ones unless none is healthy."""
+    healthy = [c for c in candidates if c not in unhealthy] or candidates
+    index = int.from_bytes(hashlib.sha256(request_id.encode()).digest()[:4], "big")
+    return healthy[index % len(healthy)]
+
+
+@dataclass
+class UpstreamHealth:
+    """Failure streaks per upstream, from the outcomes routing reads on the calls topic. An
+    upstream that failed `threshold` times in a row is skipped for `cooldown`, then tried again:
+    one success resets it."""
+
+    threshold: int = 3
+    cooldown: timedelta = timedelta(seconds=30)
+    streaks: dict[str, int] = field(default_factory=dict)
+    benched_until: dict[str, datetime] = field(default_factory=dict)
+
+    def record(self, upstream: str, ok: bool, at: datetime) -> None:
+        if ok:
+            self.streaks.pop(upstream, None)
+            self.benched_until.pop(upstream, None)
+            return
+        self.streaks[upstream] = self.streaks.get(upstream, 0) + 1
+        if self.streaks[upstream] >= self.threshold:
+            self.benched_until[upstream] = at + self.cooldown
+
+    def unhealthy(self, now: datetime) -> set[str]:
+        return {u for u, until in self.benched_until.items() if until > now}
+
+
+def take_token(
+    tokens: float, refilled_at: datetime, at: datetime, rate: float, burst: int
+) -> tuple[bool, float, datetime]:
+    """Token bucket: refill since `refilled_at` at `rate`/s up to `burst`, then take one.
+    Returns (admitted, tokens left, new refill time); time never runs backwards, so events
+    read out of order cannot mint tokens."""
+    now = max(at, refilled_at)
+    available = min(float(burst), tokens + (now - refilled_at).total_seconds() * rate)
+    if available >= 1.0:
+        return True, available - 1.0, now
+    return False, available, now
+
+
+def quota_periods(api: ApiState, at: datetime) -> list[tuple[str, int]]:
+    """(period key, limit) of each quota the API sets, for a call made at `at` (UTC)."""
+    periods = []
+    if api.quota_per_day is not None:
+        periods.append((f"day:{at:%Y-%m-%d}", api.quota_per_day))
+    if api.quota_per_month is not None:
+        periods.append((f"month:{at:%Y-%m}", api.quota_per_month))
+    return periods
+
+
 def route(
     req: CallRequested,
     api: ApiState | None,
@@ -81,25 +138,27 @@ def route(
     *,
     default_fee_bps: int,
     now: datetime,
+    unhealthy: set[str] | None = None,
 ) -> CallRouted | CallRejected:
     if consumer is not None and consumer.status == "suspended":
-        return _reject(req, "account_suspended", "the consumer's account is suspended")
+        return reject(req, "account_suspended", "the consumer's account is suspended")
     if api is None:
-        return _reject(req, "unknown_api", f"no API named {req.api!r}")
+        return reject(req, "unknown_api", f"no API named {req.api!r}")
     if api.status == "retired":
-        return _reject(req, "api_retired", f"API {api.slug!r} is retired")
-    upstream = api.demo_endpoint if req.mode == "demo" else api.endpoint
-    if upstream is None:
-        return _reject(req, "mode_not_available", f"API {api.slug!r} has no {req.mode} mode")
+        return reject(req, "api_retired", f"API {api.slug!r} is retired")
+    candidates = [api.demo_endpoint] if req.mode == "demo" else [api.endpoint, *api.endpoints]
+    if candidates == [None]:
+        return reject(req, "mode_not_available", f"API {api.slug!r} has no {req.mode} mode")
+    upstream = choose_upstream(req.request_id, [c for c in candidates if c], unhealthy or set())
     if req.method.upper() not in {m.upper() for m in api.methods}:
-        return _reject(
+        return reject(
             req, "method_not_allowed", f"{req.method} is not one of {', '.join(api.methods)}"
         )
     if not path_allowed(req.path, api.path_prefixes):
-        return _reject(req, "path_not_allowed", f"path {req.path!r} is not allowed")
+        return reject(req, "path_not_allowed", f"path {req.path!r} is not allowed")
     size = request_size(req)
     if size > api.max_request_bytes:
-        return _reject(
+        return reject(
             req, "payload_too_large", f"{size} bytes, the API accepts {api.max_request_bytes}"
         )
     return CallRouted(

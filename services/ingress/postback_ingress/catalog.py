@@ -1,0 +1,195 @@
+"""The catalog: owners register, update and retire APIs; anyone searches it. Ingress keeps the
+source of truth and publishes every change as the API's full state on `postback.catalog`."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any, Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
+
+from postback_ingress.auth import Caller, authenticate, require_role
+from postback_ingress.models import ApiCreate, ApiRegisteredView, ApiUpdate
+from postback_libs.events import ApiRegistered, ApiRetired, ApiState, ApiUpdated
+from postback_libs.http import Problem
+from postback_libs.ids import uuid7
+from postback_libs.runtime import Service
+from postback_libs.signing import derive_secret
+
+
+def _cursor(rank: float, api_id: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps([rank, api_id]).encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        rank, api_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        return float(rank), str(api_id)
+    except (ValueError, TypeError):
+        raise Problem(
+            400,
+            "invalid-cursor",
+            "Invalid cursor",
+            "pass the `next_cursor` of a previous page unchanged",
+        ) from None
+
+
+def router(service: Service) -> APIRouter:
+    api = APIRouter(tags=["catalog"])
+    master = service.settings.secret_key.get_secret_value().encode()
+
+    async def owned(ref: str, caller: Caller) -> ApiState:
+        row = await service.pool.fetchrow(
+            "SELECT state FROM apis WHERE api_id = $1 OR slug = $1", ref
+        )
+        if row is None:
+            raise Problem(404, "api-not-found", "API not found", f"no API {ref!r}")
+        state = ApiState.model_validate_json(row["state"])
+        if state.owner_id != caller.account_id:
+            raise Problem(
+                403,
+                "not-api-owner",
+                "Not your API",
+                f"API {state.slug!r} belongs to another account",
+            )
+        return state
+
+    async def save(state: ApiState, change: type[ApiRegistered | ApiUpdated | ApiRetired]) -> None:
+        async with service.unit_of_work() as uow:
+            if change is ApiRegistered:
+                stored = await uow.conn.fetchval(
+                    "INSERT INTO apis (api_id, slug, owner_id, state) VALUES ($1, $2, $3, $4)"
+                    " ON CONFLICT (slug) DO NOTHING RETURNING api_id",
+                    state.api_id,
+                    state.slug,
+                    state.owner_id,
+                    state.model_dump_json(),
+                )
+            else:
+                stored = await uow.conn.fetchval(
+                    "UPDATE apis SET slug = $2, state = $3, updated_at = now()"
+                    " WHERE api_id = $1 AND (state->>'version')::int = $4 - 1"
+                    " AND NOT EXISTS (SELECT 1 FROM apis o WHERE o.slug = $2 AND o.api_id <> $1)"
+                    " RETURNING api_id",
+                    state.api_id,
+                    state.slug,
+                    state.model_dump_json(),
+                    state.version,
+                )
+            if stored is None:
+                taken = await uow.conn.fetchval(
+                    "SELECT 1 FROM apis WHERE slug = $1 AND api_id <> $2",
+                    state.slug,
+                    state.api_id,
+                )
+                if taken:
+                    raise Problem(
+                        409,
+                        "slug-taken",
+                        "Slug taken",
+                        f"another API already uses the slug {state.slug!r}",
+                    )
+                raise Problem(
+                    409,
+                    "concurrent-update",
+                    "Changed meanwhile",
+                    "the API changed while this request ran; read it and retry",
+                )
+            uow.emit(change(api=state))
+
+    @api.post("/v1/apis", status_code=201, response_model=ApiRegisteredView)
+    async def register_api(body: ApiCreate, request: Request) -> ApiRegisteredView:
+        """Register an API (owner). The signing secret is shown here only."""
+        caller = await authenticate(service.pool, request)
+        require_role(caller, "owner")
+        state = ApiState(
+            api_id=f"api_{uuid7().hex}",
+            owner_id=caller.account_id,
+            **body.model_dump(mode="json"),
+        )
+        await save(state, ApiRegistered)
+        return ApiRegisteredView(
+            api=state.model_dump(mode="json"),
+            signing_secret=derive_secret(master, "api", state.api_id),
+        )
+
+    @api.patch("/v1/apis/{ref}")
+    async def update_api(ref: str, body: ApiUpdate, request: Request) -> JSONResponse:
+        """Change some of an API's settings (its owner). Calls in flight keep their terms."""
+        caller = await authenticate(service.pool, request)
+        current = await owned(ref, caller)
+        if current.status == "retired":
+            raise Problem(409, "api-retired", "API retired", "a retired API cannot change")
+        changes = body.model_dump(mode="json", exclude_unset=True)
+        state = ApiState.model_validate(
+            {**current.model_dump(mode="json"), **changes, "version": current.version + 1}
+        )
+        await save(state, ApiUpdated)
+        return JSONResponse(state.model_dump(mode="json"))
+
+    @api.delete("/v1/apis/{ref}")
+    async def retire_api(ref: str, request: Request) -> JSONResponse:
+        """Retire an API (its owner): new calls are refused, calls in flight finish."""
+        caller = await authenticate(service.pool, request)
+        current = await owned(ref, caller)
+        if current.status == "retired":
+            return JSONResponse(current.model_dump(mode="json"))
+        state = current.model_copy(update={"status": "retired", "version": current.version + 1})
+        await save(state, ApiRetired)
+        return JSONResponse(state.model_dump(mode="json"))
+
+    @api.get("/v1/apis/{ref}")
+    async def get_api(ref: str) -> JSONResponse:
+        row = await service.pool.fetchrow(
+            "SELECT state FROM apis WHERE api_id = $1 OR slug = $1", ref
+        )
+        if row is None:
+            raise Problem(404, "api-not-found", "API not found", f"no API {ref!r}")
+        return JSONResponse(json.loads(row["state"]))
+
+    @api.get("/v1/apis")
+    async def search_apis(
+        q: str = Query("", max_length=200, description="Words to find in name, tags, text."),
+        tag: str | None = Query(None, max_length=100),
+        owner: str | None = Query(None, max_length=100),
+        status: Literal["active", "retired", "all"] = "active",
+        limit: int = Query(20, ge=1, le=100),
+        cursor: str | None = None,
+    ) -> JSONResponse:
+        """Search the catalog, best matches first; page with `next_cursor`."""
+        after = _decode_cursor(cursor) if cursor else (float("inf"), "")
+        rows = await service.pool.fetch(
+            """
+            SELECT * FROM (
+                SELECT api_id, state,
+                       CASE WHEN $1 = '' THEN 0
+                            ELSE ts_rank(search, websearch_to_tsquery('english', $1)) END
+                       AS rank
+                FROM apis
+                WHERE ($1 = '' OR search @@ websearch_to_tsquery('english', $1))
+                  AND ($2::text IS NULL OR state->'tags' ? $2)
+                  AND ($3::text IS NULL OR owner_id = $3)
+                  AND ($4 = 'all' OR state->>'status' = $4)
+            ) found
+            WHERE (rank::float8, api_id) < ($5::float8, $6) OR $6 = ''
+            ORDER BY rank DESC, api_id DESC
+            LIMIT $7
+            """,
+            q.strip(),
+            tag,
+            owner,
+            status,
+            after[0],
+            after[1],
+            limit + 1,
+        )
+        page = rows[:limit]
+        body: dict[str, Any] = {"data": [json.loads(r["state"]) for r in page]}
+        if len(rows) > limit:
+            last = page[-1]
+            body["next_cursor"] = _cursor(float(last["rank"]), last["api_id"])
+        return JSONResponse(body)
+
+    return api

@@ -1,0 +1,324 @@
+"""Accounts, catalog, routing refusals, limits and the seed-compatible entry points, through the
+real services over the real broker and Postgres."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import requests
+
+from postback_delivery.app import build as delivery
+from postback_ingress.app import build as ingress
+from postback_libs.events import CALLS, CallRequested
+from postback_owner_adapter.app import build as owner_adapter
+from postback_projection.app import build as projection
+from postback_routing.app import build as routing
+from postback_settlement.app import build as settlement
+from tests.helpers import (
+    OPERATOR,
+    TopicReader,
+    bearer,
+    client,
+    create_account,
+    eventually,
+    owner_server,
+    publish,
+    receiver,
+    running,
+)
+
+ALL = (ingress, routing, settlement, owner_adapter, delivery, projection)
+
+
+async def register(http, owner, slug, endpoint, **extra):
+    r = await http.post(
+        "/v1/apis",
+        headers=bearer(owner),
+        json={"slug": slug, "name": slug, "endpoint": endpoint, **extra},
+    )
+    assert r.status_code == 201, r.text
+    return r.json()["api"]
+
+
+async def test_key_rotation_keeps_the_old_secret_for_the_overlap_only(settings):
+    async with running(settings, ingress) as (svc,):
+        http = client(svc)
+        account = await create_account(http, ["consumer"])
+        r = await http.post("/v1/accounts/me/keys/rotate", headers=bearer(account))
+        assert r.status_code == 200, r.text
+        rotated = r.json()
+        assert rotated["secret"] != account["secret"]
+        for secret in (account["secret"], rotated["secret"]):
+            me = await http.get("/v1/accounts/me", headers={"X-Consumer-Key": secret})
+            assert me.status_code == 200
+        # Rotating again ends the first secret's grace: only one previous key is kept.
+        again = (await http.post("/v1/accounts/me/keys/rotate", headers=bearer(rotated))).json()
+        old = await http.get("/v1/accounts/me", headers=bearer(account))
+        assert old.status_code == 401
+        assert old.headers["content-type"] == "application/problem+json"
+        assert (await http.get("/v1/accounts/me", headers=bearer(rotated))).status_code == 200
+        assert (await http.get("/v1/accounts/me", headers=bearer(again))).status_code == 200
+
+
+async def test_rotation_without_overlap_revokes_at_once(settings):
+    settings = settings.model_copy(update={"key_rotation_overlap_seconds": 0})
+    async with running(settings, ingress) as (svc,):
+        http = client(svc)
+        account = await create_account(http, ["consumer"])
+        rotated = (await http.post("/v1/accounts/me/keys/rotate", headers=bearer(account))).json()
+        assert (await http.get("/v1/accounts/me", headers=bearer(account))).status_code == 401
+        assert (await http.get("/v1/accounts/me", headers=bearer(rotated))).status_code == 200
+
+
+async def test_accounts_topic_carries_hashes_never_secrets(settings):
+    async with (
+        TopicReader(settings, "postback.accounts") as topic,
+        running(settings, ingress) as (svc,),
+    ):
+        http = client(svc)
+        account = await create_account(http, ["consumer", "owner"])
+        await http.post("/v1/accounts/me/keys/rotate", headers=bearer(account))
+        await eventually(lambda: len(topic.raw) >= 2, what="account events")
+        raw = b"".join(r.value for r in topic.raw)
+        assert account["secret"].encode() not in raw
+        assert account["secret"].split("_")[-1].encode() not in raw
+        assert {e.type for e in topic.events} == {"account.created", "account.key_rotated"}
+
+
+async def test_catalog_update_retire_and_search(settings):
+    async with running(settings, ingress) as (svc,):
+        http = client(svc)
+        owner = await create_account(http, ["owner"])
+        other = await create_account(http, ["owner"])
+        await register(
+            http,
+            owner,
+            "weather",
+            "https://o.example/w",
+            tags=["climate"],
+            description="Forecasts for any city, hourly.",
+        )
+        await register(
+            http,
+            owner,
+            "geocode",
+            "https://o.example/g",
+            tags=["maps"],
+            description="Addresses to coordinates.",
+        )
+        await register(
+            http,
+            other,
+            "reports",
+            "https://o.example/r",
+            description="Sales reports as PDF, weather permitting.",
+        )
+        found = (await http.get("/v1/apis", params={"q": "weather"})).json()["data"]
+        assert [a["slug"] for a in found] == ["weather", "reports"]  # name outranks text
+        assert [
+            a["slug"] for a in (await http.get("/v1/apis", params={"tag": "maps"})).json()["data"]
+        ] == ["geocode"]
+        page1 = (await http.get("/v1/apis", params={"limit": 2})).json()
+        page2 = (
+            await http.get("/v1/apis", params={"limit": 2, "cursor": page1["next_cursor"]})
+        ).json()
+        assert "next_cursor" not in page2
+        slugs = [a["slug"] for a in page1["data"] + page2["data"]]
+        assert sorted(slugs) == ["geocode", "reports", "weather"]
+        bad = await http.get("/v1/apis", params={"cursor": "nonsense"})
+        assert bad.status_code == 400
+        assert bad.json()["type"] == "urn:postback:problem:invalid-cursor"
+
+        r = await http.patch("/v1/apis/weather", headers=bearer(owner), json={"price": 5})
+        assert r.status_code == 200
+        assert r.json()["price"] == 5
+        assert r.json()["version"] == 2
+        r = await http.patch("/v1/apis/weather", headers=bearer(other), json={"price": 0})
+        assert r.status_code == 403
+        r = await http.patch("/v1/apis/weather", headers=bearer(owner), json={"slug": "geocode"})
+        assert r.status_code == 409
+        assert r.json()["type"] == "urn:postback:problem:slug-taken"
+        r = await http.patch("/v1/apis/weather", headers=bearer(owner), json={"price": -1})
+        assert r.status_code == 422
+        r = await http.delete("/v1/apis/weather", headers=bearer(owner))
+        assert r.json()["status"] == "retired"
+        assert (await http.get("/v1/apis/weather")).json()["status"] == "retired"
+        assert "weather" not in [a["slug"] for a in (await http.get("/v1/apis")).json()["data"]]
+
+
+async def test_every_refusal_reaches_the_consumers_webhook(settings):
+    async with owner_server() as owner_http, receiver() as hooks, running(settings, *ALL) as svcs:
+        http = client(svcs[0])
+        owner = await create_account(http, ["owner"])
+        consumer = await create_account(http, ["consumer"])
+        await register(
+            http,
+            owner,
+            "strict",
+            f"{owner_http.url}/sync",
+            methods=["POST"],
+            path_prefixes=["/v1/"],
+            max_request_bytes=100,
+        )
+        await register(http, owner, "old", f"{owner_http.url}/sync")
+        await http.delete("/v1/apis/old", headers=bearer(owner))
+        hook = f"{hooks.url}/hook"
+        cases = {
+            "unknown_api": {"api": "nope"},
+            "api_retired": {"api": "old"},
+            "mode_not_available": {"api": "strict", "mode": "demo"},
+            "method_not_allowed": {"api": "strict", "method": "GET", "path": "/v1/x"},
+            "path_not_allowed": {"api": "strict", "path": "/admin"},
+            "payload_too_large": {"api": "strict", "path": "/v1/x", "params": {"x": "y" * 200}},
+        }
+        sent = {}
+        for reason, body in cases.items():
+            r = await http.post(
+                "/v1/calls", headers=bearer(consumer), json={**body, "webhook_url": hook}
+            )
+            assert r.status_code == 202, r.text
+            sent[r.json()["request_id"]] = reason
+        await eventually(lambda: len(hooks.received) >= len(sent), what="refusal webhooks")
+        for _, _, body in hooks.received:
+            payload = json.loads(body)
+            assert payload["type"] == "call.rejected"
+            assert payload["data"]["error"]["reason"] == sent[payload["data"]["request_id"]]
+
+
+async def test_suspended_accounts_are_refused_at_the_door_and_by_routing(settings):
+    async with (
+        TopicReader(settings, CALLS.name) as calls,
+        running(settings, ingress, routing) as svcs,
+    ):
+        http = client(svcs[0])
+        owner = await create_account(http, ["owner"])
+        consumer = await create_account(http, ["consumer"])
+        await register(http, owner, "svc", "https://o.example/")
+        r = await http.post(
+            f"/v1/accounts/{consumer['account_id']}/suspend",
+            headers=OPERATOR,
+            json={"reason": "unpaid"},
+        )
+        assert r.json()["status"] == "suspended"
+        r = await http.post("/v1/calls", headers=bearer(consumer), json={"api": "svc"})
+        assert r.status_code == 403
+        assert r.json()["type"] == "urn:postback:problem:account-suspended"
+        # A call accepted just before the suspension is refused by routing.
+        await publish(
+            settings,
+            CallRequested(request_id="req_race", consumer_id=consumer["account_id"], api="svc"),
+        )
+        rejected = await eventually(lambda: calls.of_type("call.rejected", "req_race"))
+        assert rejected[0].data["reason"] == "account_suspended"
+        await http.post(f"/v1/accounts/{consumer['account_id']}/reinstate", headers=OPERATOR)
+        r = await http.post("/v1/calls", headers=bearer(consumer), json={"api": "svc"})
+        assert r.status_code == 202
+
+
+async def test_rate_limit_and_quota_hold_across_two_routing_replicas(settings):
+    async with (
+        TopicReader(settings, CALLS.name) as calls,
+        running(settings, ingress, routing, routing) as svcs,
+    ):
+        http = client(svcs[0])
+        owner = await create_account(http, ["owner"])
+        consumer = await create_account(http, ["consumer"])
+        # Practically no refill: exactly `burst` calls pass, whatever the timing.
+        await register(
+            http,
+            owner,
+            "limited",
+            "https://o.example/",
+            rate_limit_per_second=0.0001,
+            rate_limit_burst=5,
+        )
+        await register(http, owner, "quota", "https://o.example/", quota_per_day=3)
+
+        async def fire(api, n):
+            rs = await asyncio.gather(
+                *[
+                    http.post("/v1/calls", headers=bearer(consumer), json={"api": api})
+                    for _ in range(n)
+                ]
+            )
+            return {r.json()["request_id"] for r in rs}
+
+        limited, quota = await fire("limited", 30), await fire("quota", 12)
+
+        def outcomes(ids):
+            done = [
+                e
+                for e in calls.events
+                if e.subject in ids and e.type in ("call.routed", "call.rejected")
+            ]
+            return done if len(done) == len(ids) else None
+
+        limited_out = await eventually(lambda: outcomes(limited), what="limited calls routed")
+        quota_out = await eventually(lambda: outcomes(quota), what="quota calls routed")
+        assert sum(e.type == "call.routed" for e in limited_out) == 5
+        assert {e.data.get("reason") for e in limited_out if e.type == "call.rejected"} == {
+            "rate_limited"
+        }
+        assert sum(e.type == "call.routed" for e in quota_out) == 3
+        assert {e.data.get("reason") for e in quota_out if e.type == "call.rejected"} == {
+            "quota_exceeded"
+        }
+
+
+async def test_seed_compatible_entry_points_with_plain_clients(settings):
+    async with owner_server() as owner_http, receiver() as hooks, running(settings, *ALL) as svcs:
+        http = client(svcs[0])
+        owner = await create_account(http, ["owner"])
+        consumer = await create_account(http, ["consumer"])
+        api = await register(http, owner, "report-gen", f"{owner_http.url}/sync")
+        base, secret, hook = svcs[0].http_url, consumer["secret"], f"{hooks.url}/hook"
+
+        def internal_call():  # as the product's documentation shows it, with requests
+            return requests.post(
+                f"{base}/internal/call",
+                headers={"Authorization": f"Bearer {secret}"},
+                json={
+                    "api_id_public": api["api_id"],
+                    "method": "POST",
+                    "path": "/",
+                    "params": {"action": "sales", "format": "pdf", "webhook_url": hook},
+                },
+                timeout=10,
+            )
+
+        r = await asyncio.to_thread(internal_call)
+        assert r.status_code == 202, r.text
+        first = r.json()["result"]["requestId"]
+
+        with httpx.Client() as plain:  # the other documented shape, with httpx
+            r = await asyncio.to_thread(
+                plain.post,
+                f"{base}/api/demo/api/report-gen",
+                headers={"X-Consumer-Key": secret},
+                json={"action": "sales", "format": "pdf", "webhook_url": hook},
+            )
+        assert r.status_code == 202, r.text
+        second = r.json()["requestId"]
+        await eventually(lambda: len(hooks.received) >= 2, what="both webhooks")
+        by_id = {json.loads(b)["data"]["request_id"]: json.loads(b) for _, _, b in hooks.received}
+        assert by_id[first]["type"] == "call.completed"
+        # The owner saw its webhook_url rewritten to Postback's callback, token included.
+        forwarded = json.loads(owner_http.received[0][2])
+        assert forwarded["action"] == "sales"
+        assert forwarded["webhook_url"].startswith(settings.callback_url.rsplit(":", 1)[0])
+        assert "/v1/callbacks/" in forwarded["webhook_url"]
+        assert "token=" in forwarded["webhook_url"]
+        # The demo call has no demo endpoint on this API.
+        assert by_id[second]["type"] == "call.rejected"
+        assert by_id[second]["data"]["error"]["reason"] == "mode_not_available"
+        bad = await asyncio.to_thread(
+            requests.post,
+            f"{base}/internal/call",
+            headers={"Authorization": f"Bearer {secret}"},
+            data="not json",
+            timeout=10,
+        )
+        assert bad.status_code == 400
+        assert bad.headers["content-type"] == "application/problem+json"

@@ -113,6 +113,7 @@ MINIMAL: dict[str, EventData] = {
     "account.created": ev.AccountCreated(account=ACCOUNT),
     "account.key_rotated": ev.AccountKeyRotated(account=ACCOUNT, previous_key_valid_until=T0),
     "account.suspended": ev.AccountSuspended(account=ACCOUNT),
+    "account.reinstated": ev.AccountReinstated(account=ACCOUNT),
     "endpoint.created": ev.EndpointCreated(endpoint=ENDPOINT),
     "endpoint.updated": ev.EndpointUpdated(endpoint=ENDPOINT),
     "endpoint.deleted": ev.EndpointDeleted(endpoint=ENDPOINT),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -20,6 +21,8 @@ app = typer.Typer(
 )
 topics_app = typer.Typer(no_args_is_help=True, help="Kafka topics.")
 app.add_typer(topics_app, name="topics")
+ledger_app = typer.Typer(no_args_is_help=True, help="Settlement's ledger.")
+app.add_typer(ledger_app, name="ledger")
 
 
 @app.command()
@@ -90,6 +93,43 @@ def topics_create() -> None:
     typer.echo(f"created: {', '.join(created)}" if created else "all topics exist")
 
 
+@ledger_app.command("check")
+def ledger_check(
+    margin: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds past a call's deadline a reservation may stay reserved "
+            "(default: the release grace plus two sweep intervals)."
+        ),
+    ] = None,
+    topic: Annotated[
+        bool, typer.Option(help="Also replay the ledger topic and compare the balances.")
+    ] = True,
+) -> None:
+    """Verify every ledger invariant; exit 1 naming the first violation."""
+    from datetime import timedelta
+
+    from postback.ledger_check import check
+
+    report = asyncio.run(
+        check(
+            get_settings(),
+            margin=None if margin is None else timedelta(seconds=margin),
+            topic=topic,
+        )
+    )
+    if not report.ok:
+        typer.echo(f"ledger check FAILED: {report.violations[0]}", err=True)
+        for more in report.violations[1:]:
+            typer.echo(f"  also: {more}", err=True)
+        raise typer.Exit(1)
+    replayed = f", {report.topic_events} ledger events replayed" if topic else ""
+    typer.echo(
+        f"ledger ok: {report.accounts} accounts, {report.transfers} transfers, "
+        f"{report.open_reservations} reservations open{replayed}"
+    )
+
+
 @app.command()
 def demo(
     url: Annotated[str, typer.Option(help="Ingress URL.")] = "http://127.0.0.1:8080",
@@ -103,6 +143,29 @@ def demo(
     from postback.demo import run_demo
 
     raise typer.Exit(asyncio.run(run_demo(url, data_dir, delay, timeout)))
+
+
+projection_app = typer.Typer(no_args_is_help=True, help="The read model.")
+app.add_typer(projection_app, name="projection")
+
+
+@projection_app.command("rebuild")
+def projection_rebuild() -> None:
+    """Replay the topics into a fresh read model and swap it in atomically."""
+    from postback_projection.rebuild import rebuild
+
+    last = [0.0]
+
+    def progress(applied: int, total: int) -> None:
+        if time.monotonic() - last[0] >= 1 or applied >= total:
+            last[0] = time.monotonic()
+            typer.echo(f"  replayed {applied:,} of {total:,} events")
+
+    result = asyncio.run(rebuild(get_settings(), progress))
+    typer.echo(
+        f"read model rebuilt from {result['events']:,} events in {result['seconds']} s "
+        f"({', '.join(result['tables'])})"
+    )
 
 
 @app.command()

@@ -18,13 +18,13 @@ from typing import Any
 
 import asyncpg
 import structlog
-from aiokafka import AIOKafkaProducer, ConsumerRecord
+from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
 from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 
 from postback_libs.events import DLQ, CloudEvent, DeadLetterRecorded, EventData, new_event
 from postback_libs.logging import get_logger
-from postback_libs.metrics import EVENTS_CONSUMED, HANDLER_SECONDS
+from postback_libs.metrics import CONSUMER_LAG, EVENTS_CONSUMED, HANDLER_SECONDS, SECONDS_BEHIND
 from postback_libs.outbox import UnitOfWork
 from postback_libs.settings import Settings
 from postback_libs.telemetry import span_from
@@ -32,15 +32,26 @@ from postback_libs.telemetry import span_from
 log = get_logger(__name__)
 
 Handler = Callable[[CloudEvent, Any, UnitOfWork], Awaitable[None]]
+BatchHook = Callable[[UnitOfWork], Awaitable[None]]
 TRANSIENT = (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError)
 
 
 class Handlers:
     """Which event types a consumer group reacts to, and how."""
 
-    def __init__(self, group: str, topic: str) -> None:
+    def __init__(
+        self,
+        group: str,
+        topic: str,
+        *,
+        before_batch: BatchHook | None = None,
+        after_batch: BatchHook | None = None,
+    ) -> None:
+        """`before_batch` runs first in each batch's transaction (a lock, say); `after_batch`
+        runs last, before the commit (writing rows the handlers gathered in `uow.scratch`)."""
         self.group, self.topic = group, topic
         self.by_type: dict[str, Handler] = {}
+        self.before_batch, self.after_batch = before_batch, after_batch
 
     def on(self, *models: type[EventData]) -> Callable[[Handler], Handler]:
         def register(fn: Handler) -> Handler:
@@ -79,6 +90,9 @@ class BatchApplier:
         self.source, self.producer, self.on_commit = source, producer, on_commit
         self.group = handlers.group
         self.stopping = False
+        self.events_behind = 0
+        self.seconds_behind = 0.0
+        self._behind: dict[int, int] = {}
 
     async def apply(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
         decoded: list[Decoded] = []
@@ -107,9 +121,26 @@ class BatchApplier:
             await self._apply_one_by_one(decoded)
         HANDLER_SECONDS.labels(self.group).observe(time.perf_counter() - started)
 
+    def note_lag(self, records: Sequence[ConsumerRecord[bytes, bytes]], consumer: Any) -> None:
+        """Events and seconds between the last record applied and the end of its partitions."""
+        last: dict[tuple[str, int], ConsumerRecord[bytes, bytes]] = {}
+        for record in records:
+            last[(record.topic, record.partition)] = record
+        for (topic, partition), record in last.items():
+            end = consumer.highwater(TopicPartition(topic, partition))
+            if end is not None:
+                self._behind[partition] = max(0, end - record.offset - 1)
+        self.events_behind = sum(self._behind.values())
+        newest = max((r.timestamp for r in last.values()), default=0) / 1000
+        self.seconds_behind = max(0.0, time.time() - newest) if self.events_behind else 0.0
+        CONSUMER_LAG.labels(self.group, self.handlers.topic).set(self.events_behind)
+        SECONDS_BEHIND.labels(self.group, self.handlers.topic).set(self.seconds_behind)
+
     async def _apply_in_one_transaction(self, batch: list[Decoded]) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
             uow = UnitOfWork(conn, self.source, self.settings)
+            if self.handlers.before_batch is not None:
+                await self.handlers.before_batch(uow)
             fresh = {
                 r["event_id"]
                 for r in await conn.fetch(
@@ -128,6 +159,8 @@ class BatchApplier:
                 uow.position = (d.record.partition, d.record.offset)
                 await self._handle(d, uow)
                 outcomes.append((d.event.type, "applied"))
+            if self.handlers.after_batch is not None:
+                await self.handlers.after_batch(uow)
             await uow.flush()
         self.on_commit()
         for type_, outcome in outcomes:

@@ -317,6 +317,8 @@ class DeliveryAttempted(DeliveryRef):
     error_class: ErrorClass | None = None
     response_excerpt: str = ""
     next_attempt_at: datetime | None = None
+    response_headers: dict[str, str] | None = None
+    test: bool = Field(False, description="A test message sent on request, never retried.")
 
 
 @event("delivery.succeeded", DELIVERIES, "delivery_id")
@@ -383,6 +385,7 @@ class TransferReserved(EventData):
     debit_account: str
     credit_account: str
     amount: Money = Field(ge=0)
+    api_id: str | None = Field(None, description="The API of the call, if any.")
 
 
 @event("transfer.posted", LEDGER, "debit_account")
@@ -393,6 +396,7 @@ class TransferPosted(EventData):
     debit_account: str
     credit_account: str
     amount: Money = Field(ge=0)
+    api_id: str | None = Field(None, description="The API of the call, if any.")
 
 
 @event("transfer.voided", LEDGER, "debit_account")
@@ -403,6 +407,7 @@ class TransferVoided(EventData):
     debit_account: str
     credit_account: str
     amount: Money = Field(ge=0)
+    api_id: str | None = Field(None, description="The API of the call, if any.")
 
 
 @event("balance.low", LEDGER)
@@ -513,6 +518,14 @@ class AccountReinstated(AccountChange):
 # postback.webhooks --------------------------------------------------------------------------
 
 
+class RetiredSecret(BaseModel):
+    """A secret version replaced by a rotation that still signs messages until `valid_until`."""
+
+    model_config = ConfigDict(frozen=True)
+    version: int = Field(ge=1)
+    valid_until: datetime
+
+
 class EndpointState(BaseModel):
     model_config = ConfigDict(frozen=True)
     endpoint_id: str
@@ -524,6 +537,28 @@ class EndpointState(BaseModel):
     rate_limit_per_second: int | None = Field(None, ge=1)
     metadata: dict[str, str] = Field(default_factory=dict)
     secret_version: int = 1
+    # Later additions, all optional so that every earlier event still reads the same.
+    revision: int = Field(1, ge=1, description="Rises with every change; newer state wins.")
+    fifo: bool = Field(
+        False, description="Ordered: a message waits until the one before it is settled."
+    )
+    max_in_flight: int | None = Field(None, ge=1, description="Concurrent requests at most.")
+    retry_schedule: list[float] | None = Field(
+        None, description="Seconds before each attempt; the service default when absent."
+    )
+    max_attempts: int | None = Field(None, ge=1)
+    retry_window_seconds: int | None = Field(
+        None, ge=1, description="No attempt later than this after the message was made."
+    )
+    signing: Literal["symmetric", "asymmetric"] = Field(
+        "symmetric", description="v1 (HMAC-SHA256, whsec_) or v1a (Ed25519, whpk_)."
+    )
+    retired_secrets: list[RetiredSecret] = Field(
+        default_factory=list, description="Rotated-out secret versions still signing."
+    )
+    disabled_reason: str | None = Field(
+        None, description="Why delivery disabled the endpoint (410, continuous failure)."
+    )
 
 
 class EndpointChange(EventData):
@@ -568,3 +603,82 @@ class DeadLetterRecorded(EventData):
     error: str
     attempts: int
     original: str = Field(description="The message value as text (UTF-8, replaced if invalid).")
+
+
+# Webhook delivery: messages queued and commands from ingress (postback.deliveries) -----------
+
+
+@event("delivery.scheduled", DELIVERIES, "delivery_id")
+class DeliveryScheduled(DeliveryRef):
+    """A message was queued for one destination: newly made, or sent again on request."""
+
+    account_id: str
+    message_type: str = Field(description="The `type` of the message, e.g. call.completed.")
+    url: str
+    reason: Literal["new", "resend", "recover"] = "new"
+
+
+@event("delivery.resend_requested", DELIVERIES, "delivery_id")
+class DeliveryResendRequested(DeliveryRef):
+    """The account asked for one message to be sent again to its destination."""
+
+    account_id: str
+
+
+@event("delivery.recover_requested", DELIVERIES, "endpoint_id")
+class DeliveryRecoverRequested(EndpointRef):
+    """The account asked for every message that failed to reach an endpoint since a time to be
+    sent again."""
+
+    account_id: str
+    recovery_id: str
+    since: datetime
+    until: datetime | None = None
+
+
+# postback.ledger: operator corrections and their outcomes ------------------------------------
+# A correction never edits a past transfer: it is a new transfer between operator funding and
+# the account, or a refusal when it would take the account below zero.
+
+LedgerRole = Literal["consumer", "owner"]
+
+
+class RoleLedgerEvent(EventData):
+    account_id: str
+    role: LedgerRole = "consumer"
+
+    def key(self) -> str:
+        return f"{self.role}:{self.account_id}"
+
+
+@event("correction.requested", LEDGER)
+class CorrectionRequested(RoleLedgerEvent):
+    """An operator asked settlement to correct an account's balance by a signed amount."""
+
+    correction_id: str
+    amount: Money = Field(description="Signed: positive adds to the balance, negative removes.")
+    note: str = ""
+
+
+@event("account.corrected", LEDGER)
+class AccountCorrected(RoleLedgerEvent):
+    """Settlement applied a correction as a transfer between operator funding and the account."""
+
+    correction_id: str
+    transfer_id: str
+    debit_account: str
+    credit_account: str
+    amount: Money = Field(description="Signed, as requested.")
+    balance: Money = Field(description="The account's posted balance after the correction.")
+    note: str = ""
+
+
+@event("correction.refused", LEDGER)
+class CorrectionRefused(RoleLedgerEvent):
+    """Settlement refused a correction; nothing moved."""
+
+    correction_id: str
+    amount: Money
+    reason: Literal["insufficient_funds", "invalid_amount"]
+    available: Money = Field(description="What the account could give up when it was refused.")
+    detail: str = ""

@@ -66,7 +66,8 @@ class TopicFollower:
             self._positions[tp] = await self.consumer.position(tp)
 
     async def caught_up(self, timeout: float = 5.0) -> bool:
-        """Wait until every record present now has been applied; False on timeout."""
+        """Wait until every record present now has been applied; False on timeout. One more
+        fetch round after reaching the end offsets covers brokers that report them late."""
         ends = await self.consumer.end_offsets(self.partitions)
 
         def done() -> bool:
@@ -75,6 +76,7 @@ class TopicFollower:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout), self._progress:
                 await self._progress.wait_for(done)
+                await self._progress.wait()
             return True
         return False
 

@@ -22,3 +22,8 @@ OUTBOX_PENDING = Gauge("postback_outbox_pending", "Outbox rows not yet published
 CONSUMER_LAG = Gauge(
     "postback_consumer_lag_events", "Events behind the end of the topic.", ["group", "topic"]
 )
+SECONDS_BEHIND = Gauge(
+    "postback_consumer_lag_seconds",
+    "Age of the last event applied while events remain behind it; 0 when caught up.",
+    ["group", "topic"],
+)

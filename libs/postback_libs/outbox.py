@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,7 @@ from postback_libs.settings import Settings
 from postback_libs.telemetry import current_traceparent
 
 log = get_logger(__name__)
+POLL_SECONDS = 0.1
 
 
 @dataclass
@@ -35,6 +36,8 @@ class UnitOfWork:
     events: list[tuple[str, CloudEvent]] = field(default_factory=list)
     # (partition, offset) of the record being handled, for read models that keep log order.
     position: tuple[int, int] = (0, 0)
+    # What a batch's handlers gather for the batch's `after_batch` hook to write at once.
+    scratch: dict[str, Any] = field(default_factory=dict)
 
     def emit(self, data: EventData, *, cause: str | None = None) -> CloudEvent:
         event = new_event(data, source=self.source, cause=cause, traceparent=current_traceparent())
@@ -49,16 +52,19 @@ class UnitOfWork:
             " VALUES ($1, $2, $3, $4, $5, $6)",
             [(t, e.subject, e.id, e.type, e.to_bytes(), e.traceparent) for t, e in self.events],
         )
-        await self.conn.execute("SELECT pg_notify('outbox', '')")
         self.events.clear()
 
 
 @contextlib.asynccontextmanager
-async def unit_of_work(pool: Any, source: str, settings: Settings) -> AsyncIterator[UnitOfWork]:
-    async with pool.acquire() as conn, conn.transaction():
-        uow = UnitOfWork(conn, source, settings)
-        yield uow
-        await uow.flush()
+async def unit_of_work(
+    pool: Any, source: str, settings: Settings, on_commit: Callable[[], None] = lambda: None
+) -> AsyncIterator[UnitOfWork]:
+    async with pool.acquire() as conn:
+        async with conn.transaction():
+            uow = UnitOfWork(conn, source, settings)
+            yield uow
+            await uow.flush()
+        on_commit()
 
 
 def new_producer(settings: Settings) -> AIOKafkaProducer:
@@ -98,7 +104,6 @@ class OutboxRelay:
                     return
                 await asyncio.sleep(2)
             self.leader = True
-            await conn.add_listener("outbox", lambda *_: self._wake.set())
             while True:
                 published = await self.publish_pending(conn)
                 if published:
@@ -106,9 +111,11 @@ class OutboxRelay:
                 if self._stopping:
                     return
                 self._wake.clear()
-                # The periodic wake-up covers a notification lost while reconnecting.
+                # Writers in this process wake the relay as they commit. A short poll picks up
+                # what other replicas wrote while this one leads: no NOTIFY, whose commit-time
+                # queue lock would serialise every writer's commit.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+                    await asyncio.wait_for(self._wake.wait(), timeout=POLL_SECONDS)
         finally:
             self.leader = False
             await conn.close()

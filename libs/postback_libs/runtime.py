@@ -86,7 +86,12 @@ class Service:
         return self._stopping.is_set()
 
     def unit_of_work(self) -> Any:
-        return unit_of_work(self.pool, self.name, self.settings)
+        """A transaction whose events the relay publishes as soon as it commits."""
+        return unit_of_work(self.pool, self.name, self.settings, self._wake_relay)
+
+    def _wake_relay(self) -> None:
+        if self.relay is not None:
+            self.relay.wake()
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -141,6 +146,7 @@ class Service:
         )
         async def consume(message: KafkaMessage) -> None:
             await applier.apply(message.raw_message)
+            applier.note_lag(message.raw_message, message.consumer)
 
     async def stop(self) -> None:
         if not self._started:

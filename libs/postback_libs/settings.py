@@ -88,9 +88,53 @@ class Settings(BaseSettings):
     allowed_networks: str = Field(
         "", description="Comma-separated CIDRs outbound requests may reach despite the SSRF guard."
     )
+    delivery_connect_timeout_seconds: float = Field(
+        5.0, gt=0, description="Bound on each TCP/TLS connect of an outbound webhook request."
+    )
+    webhook_secret_overlap_seconds: int = Field(
+        86_400, ge=0, description="How long a rotated endpoint secret keeps signing messages."
+    )
+    endpoint_max_in_flight: int = Field(
+        32, ge=1, description="Concurrent requests to one endpoint unless the endpoint says."
+    )
+    circuit_failure_threshold: int = Field(
+        5, ge=1, description="Consecutive failures that open an endpoint's circuit breaker."
+    )
+    circuit_cooldown_seconds: float = Field(
+        30.0, gt=0, description="First wait before probing an endpoint whose circuit opened."
+    )
+    circuit_max_cooldown_seconds: float = Field(
+        900.0, gt=0, description="Longest wait between probes (the wait doubles per failure)."
+    )
+    endpoint_disable_after_seconds: float = Field(
+        5 * 86_400.0, gt=0, description="Continuous failure after which an endpoint is disabled."
+    )
 
     # Settlement
     platform_fee_bps: int = Field(1000, ge=0, le=10000)
+    low_balance_threshold: int = Field(
+        0,
+        ge=0,
+        description="A consumer whose available balance falls below this gets balance.low "
+        "(once per crossing); 0 turns it off.",
+    )
+    reservation_grace_seconds: float = Field(
+        300.0,
+        ge=0,
+        description="How long after a call's deadline settlement releases a reservation that "
+        "never got an outcome (owner-adapter normally reports call.timed_out at the deadline).",
+    )
+    reservation_sweep_seconds: float = Field(
+        30.0, gt=0, description="How often settlement looks for such reservations."
+    )
+
+    # Projection
+    projection_max_lag_seconds: float = Field(
+        60.0, gt=0, description="/readyz fails while the read model is further behind."
+    )
+    result_retention_days: int = Field(
+        30, ge=1, description="Results and response bodies older than this are purged."
+    )
 
     # Observability
     log_level: str = Field("INFO")

@@ -79,7 +79,33 @@ MINIMAL: dict[str, EventData] = {
     "delivery.failed": ev.DeliveryFailed(**DELIVERY, attempts=0, reason="endpoint deleted"),
     "delivery.exhausted": ev.DeliveryExhausted(**DELIVERY, attempts=1),
     "endpoint.disabled": ev.EndpointDisabled(endpoint_id="ep_1", account_id="acct_1", reason="x"),
+    "delivery.scheduled": ev.DeliveryScheduled(
+        **DELIVERY, account_id="acct_1", message_type="call.completed", url="https://c/hook"
+    ),
+    "delivery.resend_requested": ev.DeliveryResendRequested(**DELIVERY, account_id="acct_1"),
+    "delivery.recover_requested": ev.DeliveryRecoverRequested(
+        endpoint_id="ep_1", account_id="acct_1", recovery_id="rcv_1", since=T0
+    ),
     "credit.requested": ev.CreditRequested(credit_id="cr_1", account_id="acct_1", amount=1),
+    "correction.requested": ev.CorrectionRequested(
+        correction_id="co_1", account_id="acct_1", amount=-1
+    ),
+    "account.corrected": ev.AccountCorrected(
+        correction_id="co_1",
+        account_id="acct_1",
+        transfer_id="correction:co_1",
+        debit_account="consumer:acct_1",
+        credit_account="operator:funding",
+        amount=-1,
+        balance=0,
+    ),
+    "correction.refused": ev.CorrectionRefused(
+        correction_id="co_1",
+        account_id="acct_1",
+        amount=-5,
+        reason="insufficient_funds",
+        available=0,
+    ),
     "account.credited": ev.AccountCredited(
         credit_id="cr_1", account_id="acct_1", amount=1, balance=1
     ),
@@ -319,8 +345,10 @@ def test_subject_is_the_partition_key_the_topic_names(type_):
     if topic in EXPECTED_SUBJECT:
         assert subject == EXPECTED_SUBJECT[topic](data)
     elif topic is DELIVERIES:
-        # endpoint.disabled has no delivery: it is keyed by its endpoint.
-        want = data.endpoint_id if type_ == "endpoint.disabled" else data.delivery_id
+        # endpoint.disabled and delivery.recover_requested concern a whole endpoint: they are
+        # keyed by it.
+        by_endpoint = ("endpoint.disabled", "delivery.recover_requested")
+        want = data.endpoint_id if type_ in by_endpoint else data.delivery_id
         assert subject == want
     else:
         assert topic is LEDGER

@@ -1,11 +1,13 @@
-"""Delivery rules, free of I/O: the webhook body, the retry schedule, and what an answer means."""
+"""Delivery rules, free of I/O: the webhook body, the retry schedule and per-endpoint retry
+policy, and what an answer means."""
 
 from __future__ import annotations
 
 import json
 import math
 import random
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal
 
@@ -70,3 +72,89 @@ def judge(status: int) -> Verdict:
     if status == 410:
         return "gone"
     return "retry"
+
+
+# Retry policy and the decision after an attempt ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When to try again: `schedule[i]` is the wait before attempt i+1 (attempt 1 is immediate);
+    past its end the last step repeats while `max_attempts` and `window_seconds` allow."""
+
+    schedule: tuple[float, ...]
+    max_attempts: int | None = None
+    window_seconds: float | None = None
+
+    @property
+    def attempt_limit(self) -> int | None:
+        if self.max_attempts is not None:
+            return self.max_attempts
+        # A window alone keeps trying on the last step until the window closes.
+        return None if self.window_seconds is not None else len(self.schedule)
+
+
+def plan_retry(
+    policy: RetryPolicy,
+    attempts_made: int,
+    created_at: datetime,
+    now: datetime,
+    rng: random.Random,
+    retry_after: float | None = None,
+) -> datetime | None:
+    """When the next attempt is due, or None when the policy allows no more."""
+    limit = policy.attempt_limit
+    if (limit is not None and attempts_made >= limit) or not policy.schedule:
+        return None
+    step = policy.schedule[min(attempts_made, len(policy.schedule) - 1)]
+    delay = step * rng.uniform(0.8, 1.2)
+    if retry_after is not None:
+        delay = max(delay, retry_after)
+    due = now + timedelta(seconds=delay)
+    if policy.window_seconds is not None and due > created_at + timedelta(
+        seconds=policy.window_seconds
+    ):
+        return None
+    return due
+
+
+Status = Literal["succeeded", "pending", "failed", "exhausted"]
+
+
+@dataclass(frozen=True)
+class Decision:
+    status: Status
+    verdict: Verdict
+    retry_at: datetime | None = None
+    error: str | None = None
+    retry_after: float | None = None
+
+
+def decide(
+    status_code: int | None,
+    error_class: str | None,
+    excerpt: str,
+    retry_after_header: str | None,
+    policy: RetryPolicy,
+    attempts_made: int,
+    created_at: datetime,
+    now: datetime,
+    rng: random.Random,
+) -> Decision:
+    """What an attempt's answer means for its message: delivered, retried when, or given up."""
+    verdict: Verdict = judge(status_code) if status_code is not None else "retry"
+    if verdict == "succeeded":
+        return Decision("succeeded", verdict)
+    if status_code is not None:
+        error = f"http_status: {status_code}"
+    else:
+        error = f"{error_class or 'other'}: {excerpt}"[:500]
+    if verdict == "gone":
+        return Decision("failed", verdict, error=error)
+    retry_after = (
+        retry_after_seconds(retry_after_header, now) if status_code in (429, 503) else None
+    )
+    due = plan_retry(policy, attempts_made, created_at, now, rng, retry_after)
+    if due is None:
+        return Decision("exhausted", verdict, error=error, retry_after=retry_after)
+    return Decision("pending", verdict, retry_at=due, error=error, retry_after=retry_after)

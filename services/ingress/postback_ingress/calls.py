@@ -1,4 +1,4 @@
-"""Accepting calls (the `/v1` form and the two seed-compatible forms) and reading them back."""
+"""Accepting calls: the `/v1` form and the two seed-compatible forms."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from postback_ingress.auth import Caller, authenticate
-from postback_ingress.models import CallAccepted, CallRequest, CallView, TimelineEntry
+from postback_ingress.models import CallAccepted, CallRequest
 from postback_libs.events import CallRequested, Entry
 from postback_libs.http import Problem
 from postback_libs.ids import new_request_id
@@ -152,53 +152,6 @@ def router(service: Service) -> APIRouter:
         )
         rid, fresh = await accept_call(service, caller, req, idempotency_key, "api_path")
         return accepted(rid, {"requestId": rid}, fresh)
-
-    @api.get("/v1/calls/{request_id}", response_model=CallView, tags=["calls"])
-    async def get_call(request_id: str, request: Request) -> JSONResponse:
-        """The call's status, result when done, and the timeline of its events."""
-        caller = await authenticate(service.pool, request)
-        row = await service.pool.fetchrow(
-            "SELECT * FROM projection.calls WHERE request_id = $1", request_id
-        )
-        if row is None or caller.account_id not in (row["consumer_id"], row["owner_id"]):
-            known = await service.pool.fetchrow(
-                "SELECT accepted_at FROM calls WHERE request_id = $1 AND consumer_id = $2",
-                request_id,
-                caller.account_id,
-            )
-            if known is None:
-                raise Problem(
-                    404,
-                    "call-not-found",
-                    "Call not found",
-                    f"no call {request_id} for this account",
-                )
-            view = CallView(
-                request_id=request_id, status="accepted", requested_at=known["accepted_at"]
-            )
-            return JSONResponse(
-                view.model_dump(mode="json"), headers={"Retry-After": RETRY_AFTER_SECONDS}
-            )
-        events = await service.pool.fetch(
-            "SELECT type, time, source, data FROM projection.call_events"
-            ' WHERE request_id = $1 ORDER BY "offset"',
-            request_id,
-        )
-        fields = {k: row[k] for k in CallView.model_fields if k in row.keys()}  # noqa: SIM118
-        for k in ("result", "error"):
-            fields[k] = json.loads(row[k]) if row[k] is not None else None
-        view = CallView(
-            **fields,
-            timeline=[
-                TimelineEntry(
-                    type=e["type"], time=e["time"], source=e["source"], data=json.loads(e["data"])
-                )
-                for e in events
-            ],
-        )
-        done = row["stage"] >= 7
-        headers = {} if done else {"Retry-After": RETRY_AFTER_SECONDS}
-        return JSONResponse(view.model_dump(mode="json"), headers=headers)
 
     return api
 

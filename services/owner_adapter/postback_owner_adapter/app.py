@@ -43,6 +43,7 @@ from postback_owner_adapter import domain
 log = get_logger(__name__)
 OPEN = ("routed", "pending", "dispatching", "accepted")
 USER_AGENT = "Postback/0.1.0"
+DEADLINE_SLACK = timedelta(milliseconds=50)
 
 
 def build(settings: Settings) -> Service:
@@ -93,10 +94,14 @@ def build(settings: Settings) -> Service:
         *events: Any,
         digest: str | None = None,
         retry_at: datetime | None = None,
+        facts: tuple[Any, ...] = (),
     ) -> bool:
-        """Move a dispatch on and emit its events, unless another outcome got there first."""
+        """Move a dispatch on and emit its events, unless another outcome got there first.
+        `facts` (an attempt made) are emitted either way: they happened, whoever won."""
         statuses = [from_status] if isinstance(from_status, str) else list(from_status)
         async with service.unit_of_work() as uow:
+            for fact in facts:
+                uow.emit(fact)
             moved = await uow.conn.fetchval(
                 "UPDATE dispatches SET status = $3, result_digest = coalesce($4, result_digest),"
                 " next_attempt_at = $5, lease_until = NULL, updated_at = now()"
@@ -161,7 +166,6 @@ def build(settings: Settings) -> Service:
                 rid,
                 "dispatching",
                 "completed",
-                dispatched,
                 CallCompleted(
                     request_id=rid,
                     via="response",
@@ -171,14 +175,15 @@ def build(settings: Settings) -> Service:
                     result=domain.parse_result(raw, ctype),
                 ),
                 digest=domain.result_digest(ctype, raw),
+                facts=(dispatched,),
             )
         elif verdict == "accepted":
             await finish(
                 rid,
                 "dispatching",
                 "accepted",
-                dispatched,
                 CallAccepted(request_id=rid, deadline=row["deadline"]),
+                facts=(dispatched,),
             )
         elif verdict == "retry":
             await retry_or_fail(row, dispatched, f"owner answered {status}", status)
@@ -188,7 +193,6 @@ def build(settings: Settings) -> Service:
                 rid,
                 "dispatching",
                 "failed",
-                dispatched,
                 CallFailed(
                     request_id=rid,
                     reason=reason,
@@ -196,30 +200,33 @@ def build(settings: Settings) -> Service:
                     status_code=status,
                     detail=raw[:500].decode(errors="replace"),
                 ),
+                facts=(dispatched,),
             )
 
     async def retry_or_fail(
         row: Any, dispatched: CallDispatched, detail: str, status: int | None
     ) -> None:
-        rid, attempt = row["request_id"], row["attempts"]
-        retry_at = datetime.now(UTC) + timedelta(seconds=domain.retry_delay(attempt))
-        if attempt < settings.owner_max_attempts and retry_at < row["deadline"]:
-            await finish(rid, "dispatching", "pending", dispatched, retry_at=retry_at)
+        rid, attempt, deadline = row["request_id"], row["attempts"], row["deadline"]
+        now = datetime.now(UTC)
+        retry_at = now + timedelta(seconds=domain.retry_delay(attempt))
+        if attempt < settings.owner_max_attempts and retry_at < deadline:
+            await finish(rid, "dispatching", "pending", retry_at=retry_at, facts=(dispatched,))
             return
-        reason = "owner_unreachable" if status is None else "owner_error"
-        await finish(
-            rid,
-            "dispatching",
-            "failed",
-            dispatched,
-            CallFailed(
+        # The request's timeout is capped at the deadline: an owner still silent then has
+        # timed out, whatever the client library calls it.
+        outcome: CallFailed | CallTimedOut
+        if now >= deadline - DEADLINE_SLACK:
+            outcome = CallTimedOut(request_id=rid, deadline=deadline)
+        else:
+            outcome = CallFailed(
                 request_id=rid,
-                reason=reason,
+                reason="owner_unreachable" if status is None else "owner_error",
                 upstream_url=row["upstream_url"],
                 status_code=status,
                 detail=detail,
-            ),
-        )
+            )
+        terminal = "timed_out" if isinstance(outcome, CallTimedOut) else "failed"
+        await finish(rid, "dispatching", terminal, outcome, facts=(dispatched,))
 
     async def claim(n: int) -> list[Any]:
         rows: list[Any] = await service.pool.fetch(

@@ -1,92 +1,68 @@
-"""Projection: builds the queryable read model of calls from the `postback.calls` topic."""
+"""Projection: builds the queryable read model — calls and their timelines, balances and
+transfers, deliveries and attempts — from the topics, and keeps it disposable: `postback
+projection rebuild` replays the topics into a fresh schema and swaps it in."""
 
 from __future__ import annotations
 
-import json
+import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from postback_libs.consumer import Handlers
-from postback_libs.events import (
-    CALLS,
-    EVENT_TYPES,
-    LEDGER,
-    AccountCredited,
-    CloudEvent,
-    TransferPosted,
-    TransferReserved,
-    TransferVoided,
-)
-from postback_libs.outbox import UnitOfWork
 from postback_libs.runtime import Service
 from postback_libs.settings import Settings
-from postback_projection.domain import COLUMNS, STAGES, call_fields
+from postback_projection import calls, deliveries, ledger
+from postback_projection.calls import _hold_swap_lock
 
-JSON_COLUMNS = {"result", "error"}
-_cols = ", ".join(COLUMNS)
-_params = ", ".join(f"${i}" for i in range(5, 5 + len(COLUMNS)))
-UPSERT_CALL = f"""
-INSERT INTO calls (request_id, status, stage, updated_at, {_cols})
-VALUES ($1, $2, $3, $4, {_params})
-ON CONFLICT (request_id) DO UPDATE SET
-    status = CASE WHEN EXCLUDED.stage >= calls.stage THEN EXCLUDED.status ELSE calls.status END,
-    stage = greatest(calls.stage, EXCLUDED.stage),
-    updated_at = greatest(calls.updated_at, EXCLUDED.updated_at),
-    {", ".join(f"{c} = coalesce(EXCLUDED.{c}, calls.{c})" for c in COLUMNS)}
-"""
-ADJUST_BALANCE = """
-INSERT INTO balances (ledger_account, balance, reserved) VALUES ($1, $2, $3)
-ON CONFLICT (ledger_account) DO UPDATE SET balance = balances.balance + EXCLUDED.balance,
-    reserved = balances.reserved + EXCLUDED.reserved, updated_at = now()
-"""
-INSERT_EVENT = """
-INSERT INTO call_events (event_id, request_id, type, time, source, data, partition, "offset")
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING
-"""
+
+def handler_sets() -> list[Handlers]:
+    """Every consumer group of the projection; a rebuild replays the same ones."""
+    sets = [calls.handlers(), ledger.handlers(), deliveries.handlers()]
+    for handlers in sets:
+        handlers.before_batch = _hold_swap_lock
+    return sets
+
+
+async def purge_old_bodies(conn: Any, older_than: datetime) -> None:
+    """Results and response bodies past their retention; calls keep their status and times."""
+    await conn.execute(
+        "UPDATE calls SET result = NULL WHERE result IS NOT NULL AND completed_at < $1",
+        older_than,
+    )
+    await conn.execute(
+        "UPDATE call_events SET data = data - 'result'"
+        " WHERE type = 'call.completed' AND data ? 'result' AND time < $1",
+        older_than,
+    )
+    await conn.execute(
+        "UPDATE delivery_attempts SET response_excerpt = '', response_headers = NULL"
+        " WHERE attempted_at < $1 AND response_excerpt <> ''",
+        older_than,
+    )
 
 
 def build(settings: Settings) -> Service:
     service = Service("projection", "postback_projection", settings)
-    calls = Handlers("projection", CALLS.name)
-    call_types = [m for t, m in EVENT_TYPES.items() if t in STAGES]
+    for handlers in handler_sets():
+        service.consume(handlers)
 
-    @calls.on(*call_types)
-    async def project_call(event: CloudEvent, _: object, uow: UnitOfWork) -> None:
-        partition, offset = uow.position
-        await uow.conn.execute(
-            INSERT_EVENT,
-            event.id,
-            event.subject,
-            event.type,
-            event.time,
-            event.source,
-            json.dumps(event.data),
-            partition,
-            offset,
-        )
-        stage, status = STAGES[event.type]
-        fields = call_fields(event.type, event.time, event.data)
-        values = [
-            json.dumps(fields[c]) if c in JSON_COLUMNS and c in fields else fields.get(c)
-            for c in COLUMNS
-        ]
-        await uow.conn.execute(UPSERT_CALL, event.subject, status, stage, event.time, *values)
+    @service.readiness
+    async def caught_up() -> str | None:
+        behind = max((a.seconds_behind for a in service.appliers), default=0.0)
+        if behind > settings.projection_max_lag_seconds:
+            events = sum(a.events_behind for a in service.appliers)
+            return f"read model {behind:.0f} s ({events} events) behind the topics"
+        return None
 
-    ledger = Handlers("projection-ledger", LEDGER.name)
+    @service.worker
+    async def retention() -> None:
+        while not service.stopping:
+            cutoff = datetime.now(UTC) - timedelta(days=settings.result_retention_days)
+            async with service.pool.acquire() as conn:
+                await purge_old_bodies(conn, cutoff)
+            for _ in range(3600):  # hourly, but stop promptly
+                if service.stopping:
+                    return
+                await asyncio.sleep(1)
 
-    @ledger.on(AccountCredited, TransferReserved, TransferPosted, TransferVoided)
-    async def project_balance(event: CloudEvent, e: object, uow: UnitOfWork) -> None:
-        """(ledger account, balance change, reserved change) for each side of the movement."""
-        changes: list[tuple[str, int, int]]
-        if isinstance(e, AccountCredited):
-            changes = [(f"consumer:{e.account_id}", e.amount, 0)]
-        elif isinstance(e, TransferReserved):
-            changes = [(e.debit_account, 0, e.amount)]
-        elif isinstance(e, TransferPosted):
-            changes = [(e.debit_account, -e.amount, -e.amount), (e.credit_account, e.amount, 0)]
-        else:
-            assert isinstance(e, TransferVoided)
-            changes = [(e.debit_account, 0, -e.amount)]
-        await uow.conn.executemany(ADJUST_BALANCE, changes)
-
-    service.consume(calls)
-    service.consume(ledger)
     return service

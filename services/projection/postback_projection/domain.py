@@ -79,3 +79,25 @@ def call_fields(event_type: str, time: Any, data: dict[str, Any]) -> dict[str, A
     if event_type in OUTCOMES:
         f["outcome"] = event_type.removeprefix("call.")
     return f
+
+
+def fold(
+    current: tuple[int, str, Any, dict[str, Any]] | None,
+    stage: int,
+    status: str,
+    time: Any,
+    fields: dict[str, Any],
+) -> tuple[int, str, Any, dict[str, Any]]:
+    """Merge one event into a call's (stage, status, updated_at, columns) by the rules the
+    upsert applies in SQL: the status of the furthest stage, the latest time, and each column
+    the newest value that is set. A batch folded first writes one row per call."""
+    if current is None:
+        return stage, status, time, dict(fields)
+    c_stage, c_status, c_time, c_fields = current
+    merged = {**c_fields, **{k: v for k, v in fields.items() if v is not None}}
+    return (
+        max(c_stage, stage),
+        status if stage >= c_stage else c_status,
+        max(c_time, time),
+        merged,
+    )

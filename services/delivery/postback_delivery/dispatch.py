@@ -1,0 +1,182 @@
+"""Sending: the dispatcher claims due messages ahead of need, `concurrency` workers sign and
+post them, and each outcome goes to the recorder without waiting for its commit.
+
+Database latency stays off the HTTP path: claims are prefetched in batches and outcomes are
+committed in batches behind the workers. What is claimed but not yet recorded is bounded
+(`8 x concurrency`), so a slow database slows sending instead of piling up work, and every
+claimed row keeps its lease until its outcome is committed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+import asyncpg
+
+from postback_delivery import domain
+from postback_delivery.domain import RetryPolicy
+from postback_delivery.recorder import Outcome, Recorder
+from postback_delivery.store import Claimed, Queue
+from postback_libs.logging import get_logger
+from postback_libs.settings import Settings
+from postback_libs.signing import derive_secret, signature_header
+from postback_libs.webhooks import (
+    endpoint_signature,
+    message_headers,
+    post_message,
+    valid_versions,
+)
+
+log = get_logger(__name__)
+USER_AGENT = "Postback/0.1.0"
+
+
+class Sender:
+    """One attempt: sign with every valid secret of the destination, post, judge the answer."""
+
+    def __init__(self, settings: Settings, session: Callable[[], aiohttp.ClientSession]) -> None:
+        self.master = settings.secret_key.get_secret_value().encode()
+        self.default = RetryPolicy(tuple(settings.retry_delays))
+        self.session = session
+        self.rng = random.Random()
+        self._consumer_secrets: dict[str, str] = {}
+
+    def policy(self, c: Claimed) -> RetryPolicy:
+        e = c.endpoint
+        if e is None:
+            return self.default
+        schedule = tuple(e.retry_schedule) if e.retry_schedule else self.default.schedule
+        window = float(e.retry_window_seconds) if e.retry_window_seconds else None
+        return RetryPolicy(schedule, e.max_attempts, window)
+
+    def _signature(self, c: Claimed, timestamp: int, now: datetime) -> str:
+        e = c.endpoint
+        if e is not None:
+            versions = valid_versions(e, now)
+            return endpoint_signature(
+                self.master, e.endpoint_id, e.signing, versions, c.message_id, timestamp, c.body
+            )
+        secret = self._consumer_secrets.get(c.account_id)
+        if secret is None:
+            secret = derive_secret(self.master, "consumer", c.account_id)
+            self._consumer_secrets[c.account_id] = secret
+        return signature_header([secret], c.message_id, timestamp, c.body)
+
+    async def attempt(self, c: Claimed) -> Outcome:
+        now = datetime.now(UTC)
+        timestamp = int(now.timestamp())
+        headers = message_headers(
+            self._signature(c, timestamp, now), c.message_id, timestamp, USER_AGENT
+        )
+        # An endpoint's current URL: the account may have fixed it since the message was made.
+        url = c.endpoint.url if c.endpoint is not None else c.url
+        result = await post_message(self.session(), url, c.body, headers)
+        decision = domain.decide(
+            result.status_code,
+            result.error_class,
+            result.excerpt,
+            result.retry_after,
+            self.policy(c),
+            c.attempts - c.retry_base,
+            c.created_at,
+            datetime.now(UTC),
+            self.rng,
+        )
+        return Outcome(c, url, result, decision)
+
+
+class Dispatcher:
+    """Keeps up to `8 x concurrency` messages claimed and `concurrency` of them in flight."""
+
+    def __init__(
+        self,
+        queue: Queue,
+        attempt: Callable[[Claimed], Coroutine[Any, Any, Outcome]],
+        recorder: Recorder,
+        *,
+        concurrency: int,
+        idle_poll_seconds: float = 0.2,
+    ) -> None:
+        self.queue, self.attempt, self.recorder = queue, attempt, recorder
+        self.concurrency = concurrency
+        self.max_outstanding = 8 * concurrency
+        self.min_claim = max(1, concurrency // 4)
+        self.idle_poll_seconds = idle_poll_seconds
+        self.wake = asyncio.Event()
+        self.outstanding = 0  # claimed, not yet recorded
+        self._ready: asyncio.Queue[Claimed] = asyncio.Queue()
+        self._stopping = False
+        self._workers: list[asyncio.Task[None]] = []
+
+    def _settled(self) -> None:
+        self.outstanding -= 1
+        self.wake.set()
+
+    async def _work(self) -> None:
+        while True:
+            claimed = await self._ready.get()
+            try:
+                outcome = await self.attempt(claimed)
+            except Exception as e:  # a bug, not the endpoint: its lease brings it back
+                log.error("attempt crashed", error=repr(e), delivery_id=claimed.delivery_id)
+                self._settled()
+                continue
+            self.recorder.submit(outcome, self._settled)
+
+    async def run(self) -> None:
+        self._workers = [
+            asyncio.create_task(self._work(), name=f"delivery-worker-{i}")
+            for i in range(self.concurrency)
+        ]
+        last_reap = 0.0
+        while not self._stopping:
+            try:
+                if time.monotonic() - last_reap > 1.0:
+                    last_reap = time.monotonic()
+                    await self.queue.reap()
+                room = self.max_outstanding - self.outstanding
+                claimed: list[Claimed] = []
+                if room >= self.min_claim or (room > 0 and self.outstanding == 0):
+                    claimed = await self.queue.claim(room)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+                log.warning("claiming failed", error=repr(e))
+                await asyncio.sleep(1.0)
+                continue
+            except Exception:  # a bug must not stop delivery for good: log it, try again
+                log.exception("claiming crashed")
+                await asyncio.sleep(1.0)
+                continue
+            self.outstanding += len(claimed)
+            for c in claimed:
+                self._ready.put_nowait(c)
+            if claimed:
+                continue
+            self.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), self.idle_poll_seconds)
+
+    async def drain(self, timeout: float) -> None:
+        """Stop claiming; hand back what no worker started, let the attempts in flight finish
+        and be recorded (anything left is claimed again when its lease runs out)."""
+        self._stopping = True
+        self.wake.set()
+        unstarted: list[Claimed] = []
+        while not self._ready.empty():
+            unstarted.append(self._ready.get_nowait())
+        if unstarted:
+            with contextlib.suppress(Exception):
+                await self.queue.release([c.delivery_id for c in unstarted])
+            self.outstanding -= len(unstarted)
+        deadline = time.monotonic() + timeout
+        while self.outstanding > 0 and time.monotonic() < deadline:
+            self.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), 0.1)
+        for w in self._workers:
+            w.cancel()

@@ -1,0 +1,148 @@
+"""What delivery reacts to on Kafka, in one screen:
+
+* `postback.calls`: remember each call, then on its final event (settled, refunded, rejected)
+  queue the outcome for the call's `webhook_url` and every subscribed endpoint, and
+  `call.settled` for endpoints subscribed to it;
+* `postback.ledger`: `balance.low` for subscribed endpoints;
+* `postback.webhooks`: the endpoints view (state, enabled, deleted);
+* `postback.deliveries`: resend and recover requests from ingress.
+
+Every handler runs in its consumer group's transaction, with the inbox and the outbox."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from postback_delivery import domain, store
+from postback_delivery.outcomes import CallBatch
+from postback_delivery.subscriptions import Message, destinations, enqueue, record_state
+from postback_libs.consumer import Handlers
+from postback_libs.events import (
+    CALLS,
+    DELIVERIES,
+    LEDGER,
+    WEBHOOKS,
+    BalanceLow,
+    CallCompleted,
+    CallFailed,
+    CallRefunded,
+    CallRejected,
+    CallRequested,
+    CallSettled,
+    CallTimedOut,
+    CloudEvent,
+    DeliveryRecoverRequested,
+    DeliveryResendRequested,
+    DeliveryScheduled,
+    EndpointCreated,
+    EndpointDeleted,
+    EndpointSecretRotated,
+    EndpointUpdated,
+)
+from postback_libs.ids import derived_id
+from postback_libs.logging import get_logger
+from postback_libs.outbox import UnitOfWork
+
+log = get_logger(__name__)
+
+
+def message_id(cause: str, purpose: str = "webhook") -> str:
+    return f"msg_{derived_id(cause, purpose).hex}"
+
+
+def calls() -> Handlers:
+    h = Handlers("delivery", CALLS.name)
+
+    @h.on(
+        CallRequested,
+        CallCompleted,
+        CallFailed,
+        CallTimedOut,
+        CallSettled,
+        CallRefunded,
+        CallRejected,
+    )
+    async def collect_call_event(event: CloudEvent, data: Any, uow: UnitOfWork) -> None:
+        # Applied for the whole batch at once, in its transaction (outcomes.py says why).
+        CallBatch.of(uow).events.append((event, data))
+
+    return h
+
+
+def ledger() -> Handlers:
+    h = Handlers("delivery-ledger", LEDGER.name)
+
+    @h.on(BalanceLow)
+    async def announce_low_balance(event: CloudEvent, low: BalanceLow, uow: UnitOfWork) -> None:
+        to = await destinations(uow.conn, low.account_id, "balance.low")
+        if not to:
+            return
+        data = {"account_id": low.account_id, "balance": low.balance, "threshold": low.threshold}
+        body = domain.webhook_body("balance.low", event.time, data)
+        msg = Message(message_id(event.id), low.account_id, "balance.low", body)
+        await enqueue(uow, msg, to, cause=event.id)
+
+    return h
+
+
+def endpoints() -> Handlers:
+    h = Handlers("delivery-endpoints", WEBHOOKS.name)
+
+    @h.on(EndpointCreated, EndpointUpdated, EndpointSecretRotated, EndpointDeleted)
+    async def follow_endpoint(event: CloudEvent, change: Any, uow: UnitOfWork) -> None:
+        deleted = isinstance(change, EndpointDeleted)
+        result = await record_state(uow.conn, change.endpoint, deleted)
+        if result.fail_open is not None:
+            await store.fail_open(uow, change.endpoint.endpoint_id, result.fail_open, event.id)
+        if result.clear_disable or result.reset_health:
+            # Messages recovered while it was off wait for it; now is their time.
+            await uow.conn.execute(
+                "UPDATE deliveries SET next_attempt_at = now() WHERE endpoint_id = $1"
+                " AND status = 'pending' AND NOT held AND next_attempt_at > now()",
+                change.endpoint.endpoint_id,
+            )
+            await uow.conn.execute("SELECT pg_notify('deliveries', '')")
+
+    return h
+
+
+REQUEUE = """
+UPDATE deliveries SET status = 'pending', next_attempt_at = now(), retry_base = attempts,
+    held = false, last_error = NULL, lease_until = NULL, updated_at = now()
+WHERE delivery_id IN (SELECT delivery_id FROM deliveries WHERE {where} FOR UPDATE)
+RETURNING delivery_id, message_id, request_id, endpoint_id, account_id,
+    event_type AS message_type, url
+"""
+RESEND = REQUEUE.format(
+    where="delivery_id = $1 AND account_id = $2 AND status IN ('succeeded', 'failed', 'exhausted')"
+)
+RECOVER = REQUEUE.format(
+    where="endpoint_id = $1 AND account_id = $2 AND status IN ('failed', 'exhausted')"
+    " AND created_at >= $3 AND ($4::timestamptz IS NULL OR created_at < $4)"
+)
+
+
+def commands() -> Handlers:
+    h = Handlers("delivery-commands", DELIVERIES.name)
+
+    async def requeued(uow: UnitOfWork, rows: list[Any], reason: Any, cause: str) -> None:
+        for r in rows:
+            uow.emit(
+                DeliveryScheduled(**dict(r), reason=reason),
+                cause=str(derived_id(cause, r["delivery_id"])),
+            )
+        if rows:
+            await uow.conn.execute("SELECT pg_notify('deliveries', '')")
+
+    @h.on(DeliveryResendRequested)
+    async def resend(event: CloudEvent, req: DeliveryResendRequested, uow: UnitOfWork) -> None:
+        rows = await uow.conn.fetch(RESEND, req.delivery_id, req.account_id)
+        await requeued(uow, rows, "resend", event.id)
+
+    @h.on(DeliveryRecoverRequested)
+    async def recover(event: CloudEvent, req: DeliveryRecoverRequested, uow: UnitOfWork) -> None:
+        rows = await uow.conn.fetch(RECOVER, req.endpoint_id, req.account_id, req.since, req.until)
+        log.info("recovering messages", endpoint_id=req.endpoint_id, count=len(rows))
+        await requeued(uow, rows, "recover", event.id)
+
+    return h

@@ -1,0 +1,163 @@
+"""Reading calls back from the read model: the request-reply status resource and the history.
+A consumer sees its own calls, an owner the calls made to its APIs, nobody anything else."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import datetime
+from typing import Any, Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
+
+from postback_ingress.auth import authenticate
+from postback_ingress.models import CallView, TimelineEntry
+from postback_libs.http import Problem, problem_type
+from postback_libs.runtime import Service
+
+RETRY_AFTER_SECONDS = "1"
+DONE_STAGE = 7  # delivered or delivery failed: nothing more will happen to the call
+
+
+def error_as_problem(error: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A failed call's error in RFC 9457 form, with a stable type per reason."""
+    if not error:
+        return None
+    kind = str(error.get("type", "call.failed")).removeprefix("call.")
+    reason = str(error.get("reason") or kind)
+    problem: dict[str, Any] = {
+        "type": problem_type(f"call-{reason.replace('_', '-')}"),
+        "title": reason.replace("_", " ").capitalize(),
+    }
+    if error.get("detail"):
+        problem["detail"] = error["detail"]
+    if error.get("status_code") is not None:
+        problem["owner_status"] = error["status_code"]
+    if error.get("deadline"):
+        problem["deadline"] = error["deadline"]
+    return problem
+
+
+def _view(row: Any, timeline: list[TimelineEntry]) -> CallView:
+    fields = {k: row[k] for k in CallView.model_fields if k in row}
+    fields["result"] = json.loads(row["result"]) if row["result"] is not None else None
+    fields["error"] = error_as_problem(json.loads(row["error"]) if row["error"] else None)
+    return CallView(**fields, timeline=timeline)
+
+
+def _encode_cursor(at: datetime, request_id: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps([at.isoformat(), request_id]).encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        at, request_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        return datetime.fromisoformat(at), str(request_id)
+    except (ValueError, TypeError):
+        raise Problem(
+            400,
+            "invalid-cursor",
+            "Invalid cursor",
+            "pass the `next_cursor` of a previous page unchanged",
+        ) from None
+
+
+def router(service: Service) -> APIRouter:
+    api = APIRouter(tags=["calls"])
+
+    @api.get("/v1/calls/{request_id}", response_model=CallView)
+    async def get_call(request_id: str, request: Request) -> JSONResponse:
+        """The call's status, its result when done, and the timeline of its events. While the
+        call is in progress the answer carries `Retry-After`."""
+        caller = await authenticate(service.pool, request)
+        row = await service.pool.fetchrow(
+            "SELECT * FROM projection.calls WHERE request_id = $1"
+            " AND (consumer_id = $2 OR owner_id = $2)",
+            request_id,
+            caller.account_id,
+        )
+        if row is None:
+            # Accepted, but the read model has not caught up yet: still the caller's call.
+            known = await service.pool.fetchrow(
+                "SELECT accepted_at FROM calls WHERE request_id = $1 AND consumer_id = $2",
+                request_id,
+                caller.account_id,
+            )
+            if known is None:
+                raise Problem(
+                    404,
+                    "call-not-found",
+                    "Call not found",
+                    f"no call {request_id} for this account",
+                )
+            view = CallView(
+                request_id=request_id, status="accepted", requested_at=known["accepted_at"]
+            )
+            return JSONResponse(
+                view.model_dump(mode="json"), headers={"Retry-After": RETRY_AFTER_SECONDS}
+            )
+        events = await service.pool.fetch(
+            "SELECT type, time, source, data FROM projection.call_events"
+            ' WHERE request_id = $1 ORDER BY "offset"',
+            request_id,
+        )
+        view = _view(
+            row,
+            [
+                TimelineEntry(
+                    type=e["type"], time=e["time"], source=e["source"], data=json.loads(e["data"])
+                )
+                for e in events
+            ],
+        )
+        headers = {} if row["stage"] >= DONE_STAGE else {"Retry-After": RETRY_AFTER_SECONDS}
+        return JSONResponse(view.model_dump(mode="json"), headers=headers)
+
+    @api.get("/v1/calls")
+    async def list_calls(
+        request: Request,
+        role: Literal["consumer", "owner"] = Query(
+            "consumer", description="Your calls (consumer) or the calls to your APIs (owner)."
+        ),
+        status: str | None = Query(None, max_length=40),
+        api_ref: str | None = Query(None, alias="api", max_length=200),
+        since: datetime | None = Query(None, description="Requested at or after (RFC 3339)."),
+        until: datetime | None = Query(None, description="Requested before (RFC 3339)."),
+        limit: int = Query(50, ge=1, le=200),
+        cursor: str | None = None,
+    ) -> JSONResponse:
+        """Calls, newest first; page with `next_cursor`."""
+        caller = await authenticate(service.pool, request)
+        after = _decode_cursor(cursor) if cursor else None
+        column = "consumer_id" if role == "consumer" else "owner_id"
+        rows = await service.pool.fetch(
+            f"""
+            SELECT * FROM projection.calls
+            WHERE {column} = $1
+              AND ($2::text IS NULL OR status = $2)
+              AND ($3::text IS NULL OR api = $3 OR api_id = $3)
+              AND ($4::timestamptz IS NULL OR requested_at >= $4)
+              AND ($5::timestamptz IS NULL OR requested_at < $5)
+              AND ($6::timestamptz IS NULL OR (requested_at, request_id) < ($6, $7))
+            ORDER BY requested_at DESC, request_id DESC
+            LIMIT $8
+            """,
+            caller.account_id,
+            status,
+            api_ref,
+            since,
+            until,
+            after[0] if after else None,
+            after[1] if after else "",
+            limit + 1,
+        )
+        page = rows[:limit]
+        body: dict[str, Any] = {
+            "data": [_view(r, []).model_dump(mode="json", exclude={"timeline"}) for r in page]
+        }
+        if len(rows) > limit and page[-1]["requested_at"] is not None:
+            body["next_cursor"] = _encode_cursor(page[-1]["requested_at"], page[-1]["request_id"])
+        return JSONResponse(body)
+
+    return api

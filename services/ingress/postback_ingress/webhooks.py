@@ -1,0 +1,641 @@
+"""Webhook endpoints (`/v1/webhooks`), their test message, secret rotation, and the delivery
+history and replay commands (`/v1/calls/{id}/deliveries`, `/v1/deliveries/{id}/resend`,
+`/v1/webhooks/{id}/recover`).
+
+Ingress owns the endpoints: each change is a row update plus a full-state event on
+`postback.webhooks` in one transaction. Delivery history is read from the projection; resend
+and recover travel to delivery as events. The test message is the one request ingress sends
+itself (decision 0007)."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import aiohttp
+from fastapi import APIRouter, Query, Request, Response
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
+
+from postback_ingress.auth import Caller, authenticate
+from postback_libs.consumer import Handlers
+from postback_libs.events import (
+    DELIVERIES,
+    CloudEvent,
+    DeliveryAttempted,
+    DeliveryRecoverRequested,
+    DeliveryResendRequested,
+    EndpointCreated,
+    EndpointDeleted,
+    EndpointDisabled,
+    EndpointSecretRotated,
+    EndpointState,
+    EndpointUpdated,
+    ErrorClass,
+    RetiredSecret,
+)
+from postback_libs.http import Problem
+from postback_libs.ids import uuid7
+from postback_libs.outbound import AddressPolicy, guarded_session
+from postback_libs.outbox import UnitOfWork
+from postback_libs.runtime import Service
+from postback_libs.webhooks import (
+    SUBSCRIBABLE_EVENTS,
+    TEST_EVENT,
+    endpoint_secret,
+    endpoint_signature,
+    message_headers,
+    post_message,
+    public_key,
+    unknown_patterns,
+    valid_versions,
+)
+
+USER_AGENT = "Postback/0.1.0"
+MAX_ENDPOINTS_PER_ACCOUNT = 100
+
+
+class RetryPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    schedule: list[float] | None = Field(
+        None, min_length=1, max_length=30, description="Seconds before each attempt."
+    )
+    max_attempts: int | None = Field(None, ge=1, le=100)
+    window_seconds: int | None = Field(None, ge=1, le=30 * 86400)
+
+
+class EndpointFields(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    description: str = Field("", max_length=1000)
+    event_types: list[str] = Field(
+        default_factory=lambda: ["call.*"],
+        min_length=1,
+        max_length=50,
+        description="Names (`call.completed`) or wildcards (`call.*`, `*`).",
+    )
+    enabled: bool = True
+    rate_limit_per_second: int | None = Field(None, ge=1, le=10_000)
+    max_in_flight: int | None = Field(None, ge=1, le=1000)
+    fifo: bool = Field(False, description="Deliver in order, one message at a time.")
+    retry_policy: RetryPolicy | None = None
+    metadata: dict[str, str] = Field(default_factory=dict, max_length=50)
+
+
+class EndpointCreate(EndpointFields):
+    url: AnyHttpUrl
+    signing: Literal["symmetric", "asymmetric"] = Field(
+        "symmetric", description="`v1` HMAC with a whsec_ secret, or `v1a` Ed25519 (whpk_ key)."
+    )
+
+
+class EndpointUpdate(BaseModel):
+    """Fields to change; a field sent as null clears it (rate limit, cap, retry policy)."""
+
+    model_config = ConfigDict(extra="forbid")
+    url: AnyHttpUrl | None = None
+    description: str | None = Field(None, max_length=1000)
+    event_types: list[str] | None = Field(None, min_length=1, max_length=50)
+    enabled: bool | None = None
+    rate_limit_per_second: int | None = Field(None, ge=1, le=10_000)
+    max_in_flight: int | None = Field(None, ge=1, le=1000)
+    fifo: bool | None = None
+    retry_policy: RetryPolicy | None = None
+    metadata: dict[str, str] | None = Field(None, max_length=50)
+
+
+class Rotation(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    overlap_seconds: int | None = Field(
+        None, ge=0, le=7 * 86400, description="How long the old secret keeps signing."
+    )
+
+
+class Recovery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    since: datetime
+    until: datetime | None = None
+
+
+def view(state: EndpointState, row: Any = None) -> dict[str, Any]:
+    out = state.model_dump(mode="json", exclude={"retired_secrets", "retry_schedule"})
+    out["retry_policy"] = {
+        "schedule": state.retry_schedule,
+        "max_attempts": state.max_attempts,
+        "window_seconds": state.retry_window_seconds,
+    }
+    out["secret_rotation_ends_at"] = max(
+        (r.valid_until.isoformat() for r in state.retired_secrets), default=None
+    )
+    if row is not None:
+        out["created_at"] = row["created_at"].isoformat()
+        out["updated_at"] = row["updated_at"].isoformat()
+    return out
+
+
+def _policy_fields(policy: RetryPolicy | None) -> dict[str, Any]:
+    p = policy or RetryPolicy()
+    return {
+        "retry_schedule": p.schedule,
+        "max_attempts": p.max_attempts,
+        "retry_window_seconds": p.window_seconds,
+    }
+
+
+def _check_event_types(patterns: list[str]) -> None:
+    unknown = unknown_patterns(patterns)
+    if unknown:
+        raise Problem(
+            422,
+            "unknown-event-type",
+            "Unknown event type",
+            f"{', '.join(unknown)} match no event; see GET /v1/webhooks/event-types",
+        )
+
+
+def _check_url(url: str, policy: AddressPolicy) -> None:
+    """Refuse an IP-literal URL the guard would refuse anyway; names are checked at each send
+    (on the address they resolve to then)."""
+    host = urlsplit(url).hostname or ""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return
+    if not policy.allows(ip):
+        raise Problem(422, "url-not-allowed", "URL not allowed", f"{host} is not a public address")
+
+
+def router(service: Service) -> APIRouter:
+    api = APIRouter(tags=["webhooks"])
+    settings = service.settings
+    master = settings.secret_key.get_secret_value().encode()
+    guard = AddressPolicy(settings.allowed_network_list)
+    http: dict[str, aiohttp.ClientSession] = {}
+
+    def secrets_of(state: EndpointState) -> dict[str, str]:
+        if state.signing == "asymmetric":
+            return {"public_key": public_key(master, state.endpoint_id, state.secret_version)}
+        return {"secret": endpoint_secret(master, state.endpoint_id, state.secret_version)}
+
+    async def load(caller: Caller, endpoint_id: str, conn: Any = None, lock: bool = False) -> Any:
+        row = await (conn or service.pool).fetchrow(
+            "SELECT state, created_at, updated_at FROM webhook_endpoints WHERE endpoint_id = $1"
+            " AND account_id = $2 AND deleted_at IS NULL" + (" FOR UPDATE" if lock else ""),
+            endpoint_id,
+            caller.account_id,
+        )
+        if row is None:
+            raise Problem(
+                404, "endpoint-not-found", "Endpoint not found", f"no endpoint {endpoint_id}"
+            )
+        return row
+
+    async def save(uow: UnitOfWork, state: EndpointState, change: type[Any], **extra: Any) -> None:
+        await uow.conn.execute(
+            "UPDATE webhook_endpoints SET state = $2, updated_at = now()"
+            + (", deleted_at = now()" if change is EndpointDeleted else "")
+            + " WHERE endpoint_id = $1",
+            state.endpoint_id,
+            state.model_dump_json(),
+        )
+        uow.emit(change(endpoint=state, **extra))
+
+    @api.get("/v1/webhooks/event-types")
+    async def event_types() -> dict[str, Any]:
+        """The event types an endpoint can subscribe to (names, `prefix.*` or `*`)."""
+        return {"data": [{"type": t, "description": d} for t, d in SUBSCRIBABLE_EVENTS.items()]}
+
+    @api.post("/v1/webhooks", status_code=201)
+    async def create_endpoint(body: EndpointCreate, request: Request) -> dict[str, Any]:
+        """Subscribe an endpoint. The secret (or public key) is shown here and on rotation."""
+        caller = await authenticate(service.pool, request)
+        _check_event_types(body.event_types)
+        _check_url(str(body.url), guard)
+        fields = body.model_dump(mode="json", exclude={"retry_policy"})
+        state = EndpointState(
+            endpoint_id=f"ep_{uuid7().hex}",
+            account_id=caller.account_id,
+            **fields,
+            **_policy_fields(body.retry_policy),
+        )
+        async with service.unit_of_work() as uow:
+            count = await uow.conn.fetchval(
+                "SELECT count(*) FROM webhook_endpoints WHERE account_id = $1"
+                " AND deleted_at IS NULL",
+                caller.account_id,
+            )
+            if count >= MAX_ENDPOINTS_PER_ACCOUNT:
+                raise Problem(
+                    409,
+                    "endpoint-limit-reached",
+                    "Too many endpoints",
+                    f"an account may have {MAX_ENDPOINTS_PER_ACCOUNT} endpoints",
+                )
+            row = await uow.conn.fetchrow(
+                "INSERT INTO webhook_endpoints (endpoint_id, account_id, state)"
+                " VALUES ($1, $2, $3) RETURNING created_at, updated_at",
+                state.endpoint_id,
+                caller.account_id,
+                state.model_dump_json(),
+            )
+            uow.emit(EndpointCreated(endpoint=state))
+        return view(state, row) | secrets_of(state)
+
+    @api.get("/v1/webhooks")
+    async def list_endpoints(
+        request: Request,
+        limit: int = Query(50, ge=1, le=100),
+        after: str | None = Query(None, description="next_cursor of the previous page"),
+    ) -> dict[str, Any]:
+        caller = await authenticate(service.pool, request)
+        rows = await service.pool.fetch(
+            "SELECT endpoint_id, state, created_at, updated_at FROM webhook_endpoints"
+            " WHERE account_id = $1 AND deleted_at IS NULL AND ($2::text IS NULL"
+            " OR endpoint_id > $2) ORDER BY endpoint_id LIMIT $3",
+            caller.account_id,
+            after,
+            limit + 1,
+        )
+        page = rows[:limit]
+        return {
+            "data": [view(EndpointState.model_validate_json(r["state"]), r) for r in page],
+            "next_cursor": page[-1]["endpoint_id"] if len(rows) > limit else None,
+        }
+
+    @api.get("/v1/webhooks/{endpoint_id}")
+    async def get_endpoint(endpoint_id: str, request: Request) -> dict[str, Any]:
+        caller = await authenticate(service.pool, request)
+        row = await load(caller, endpoint_id)
+        return view(EndpointState.model_validate_json(row["state"]), row)
+
+    @api.patch("/v1/webhooks/{endpoint_id}")
+    async def update_endpoint(
+        endpoint_id: str, body: EndpointUpdate, request: Request
+    ) -> dict[str, Any]:
+        caller = await authenticate(service.pool, request)
+        sent = body.model_fields_set
+        if "event_types" in sent:
+            if body.event_types is None:
+                raise Problem(422, "validation-error", "The request is not valid", "event_types")
+            _check_event_types(body.event_types)
+        if body.url is not None:
+            _check_url(str(body.url), guard)
+        async with service.unit_of_work() as uow:
+            row = await load(caller, endpoint_id, uow.conn, lock=True)
+            state = EndpointState.model_validate_json(row["state"])
+            changes: dict[str, Any] = {
+                k: v
+                for k, v in body.model_dump(mode="json", exclude={"retry_policy"}).items()
+                if k in sent and (v is not None or k in ("rate_limit_per_second", "max_in_flight"))
+            }
+            if "retry_policy" in sent:
+                changes |= _policy_fields(body.retry_policy)
+            if changes.get("enabled"):
+                changes["disabled_reason"] = None  # enabled again by the account
+            state = state.model_copy(update=changes | {"revision": state.revision + 1})
+            state = EndpointState.model_validate(state.model_dump())
+            await save(uow, state, EndpointUpdated)
+        return view(state, row)
+
+    @api.delete("/v1/webhooks/{endpoint_id}", status_code=204)
+    async def delete_endpoint(endpoint_id: str, request: Request) -> Response:
+        caller = await authenticate(service.pool, request)
+        async with service.unit_of_work() as uow:
+            row = await load(caller, endpoint_id, uow.conn, lock=True)
+            state = EndpointState.model_validate_json(row["state"])
+            state = state.model_copy(update={"enabled": False, "revision": state.revision + 1})
+            await save(uow, state, EndpointDeleted)
+        return Response(status_code=204)
+
+    @api.post("/v1/webhooks/{endpoint_id}/rotate-secret")
+    async def rotate_secret(
+        endpoint_id: str, request: Request, body: Rotation | None = None
+    ) -> dict[str, Any]:
+        """A new secret version; the old one keeps signing (every message carries both
+        signatures) for the overlap, so receivers can switch without dropping a message."""
+        caller = await authenticate(service.pool, request)
+        overlap = settings.webhook_secret_overlap_seconds
+        if body is not None and body.overlap_seconds is not None:
+            overlap = body.overlap_seconds
+        now = datetime.now(UTC)
+        until = now + timedelta(seconds=overlap)
+        async with service.unit_of_work() as uow:
+            row = await load(caller, endpoint_id, uow.conn, lock=True)
+            old = EndpointState.model_validate_json(row["state"])
+            retired = [r for r in old.retired_secrets if r.valid_until > now]
+            if overlap > 0:
+                retired.append(RetiredSecret(version=old.secret_version, valid_until=until))
+            state = old.model_copy(
+                update={
+                    "secret_version": old.secret_version + 1,
+                    "retired_secrets": retired,
+                    "revision": old.revision + 1,
+                }
+            )
+            await save(uow, state, EndpointSecretRotated, previous_secret_valid_until=until)
+        return {
+            "endpoint_id": endpoint_id,
+            "secret_version": state.secret_version,
+            "previous_secret_valid_until": until.isoformat() if overlap > 0 else None,
+        } | secrets_of(state)
+
+    @api.post("/v1/webhooks/{endpoint_id}/test")
+    async def send_test(endpoint_id: str, request: Request) -> dict[str, Any]:
+        """Send a `webhook.test` message with an empty payload, once, never retried, and
+        answer with what the endpoint did. The attempt is also kept in its history."""
+        caller = await authenticate(service.pool, request)
+        row = await load(caller, endpoint_id)
+        state = EndpointState.model_validate_json(row["state"])
+        now = datetime.now(UTC)
+        msg_id, timestamp = f"msg_{uuid7().hex}", int(now.timestamp())
+        body = json.dumps(
+            {"type": TEST_EVENT, "timestamp": now.isoformat().replace("+00:00", "Z"), "data": {}},
+            separators=(",", ":"),
+        ).encode()
+        signature = endpoint_signature(
+            master,
+            endpoint_id,
+            state.signing,
+            valid_versions(state, now),
+            msg_id,
+            timestamp,
+            body,
+        )
+        headers = message_headers(signature, msg_id, timestamp, USER_AGENT)
+        result = await post_message(http["session"], state.url, body, headers)
+        error_class: ErrorClass | None = result.error_class
+        if result.status_code is not None and not result.succeeded:
+            error_class = "http_status"
+        async with service.unit_of_work() as uow:
+            uow.emit(
+                DeliveryAttempted(
+                    delivery_id=f"tst_{uuid7().hex}",
+                    message_id=msg_id,
+                    endpoint_id=endpoint_id,
+                    url=state.url,
+                    attempt=1,
+                    status_code=result.status_code,
+                    latency_ms=result.latency_ms,
+                    error_class=error_class,
+                    response_excerpt=result.excerpt,
+                    response_headers=result.headers or None,
+                    test=True,
+                )
+            )
+        return {
+            "message_id": msg_id,
+            "success": result.succeeded,
+            "status_code": result.status_code,
+            "latency_ms": result.latency_ms,
+            "error_class": error_class,
+            "response_excerpt": result.excerpt,
+            "response_headers": result.headers,
+        }
+
+    @api.post("/v1/webhooks/{endpoint_id}/recover", status_code=202)
+    async def recover(endpoint_id: str, body: Recovery, request: Request) -> dict[str, Any]:
+        """Send again every message that failed or was exhausted for this endpoint since a
+        time (each with a fresh retry cycle)."""
+        caller = await authenticate(service.pool, request)
+        if body.until is not None and body.until <= body.since:
+            raise Problem(422, "invalid-time-range", "Invalid time range", "until <= since")
+        row = await load(caller, endpoint_id)
+        _require_enabled(EndpointState.model_validate_json(row["state"]))
+        recovery_id = f"rcv_{uuid7().hex}"
+        async with service.unit_of_work() as uow:
+            uow.emit(
+                DeliveryRecoverRequested(
+                    endpoint_id=endpoint_id,
+                    account_id=caller.account_id,
+                    recovery_id=recovery_id,
+                    since=body.since,
+                    until=body.until,
+                )
+            )
+        return {"recovery_id": recovery_id, "endpoint_id": endpoint_id, "status": "requested"}
+
+    @api.post("/v1/deliveries/{delivery_id}/resend", status_code=202)
+    async def resend(delivery_id: str, request: Request) -> dict[str, Any]:
+        """Send one message again to its destination, with a fresh retry cycle."""
+        caller = await authenticate(service.pool, request)
+        d = await service.pool.fetchrow(
+            "SELECT * FROM projection.deliveries WHERE delivery_id = $1 AND account_id = $2",
+            delivery_id,
+            caller.account_id,
+        )
+        if d is None:
+            raise Problem(
+                404, "delivery-not-found", "Delivery not found", f"no delivery {delivery_id}"
+            )
+        if d["status"] == "pending":
+            raise Problem(
+                409, "delivery-in-progress", "Delivery in progress", "it is still being retried"
+            )
+        if d["endpoint_id"] is not None:
+            row = await service.pool.fetchrow(
+                "SELECT state, deleted_at FROM webhook_endpoints WHERE endpoint_id = $1",
+                d["endpoint_id"],
+            )
+            if row is None or row["deleted_at"] is not None:
+                raise Problem(409, "endpoint-deleted", "Endpoint deleted", "it was deleted")
+            _require_enabled(EndpointState.model_validate_json(row["state"]))
+        async with service.unit_of_work() as uow:
+            uow.emit(
+                DeliveryResendRequested(
+                    delivery_id=delivery_id,
+                    message_id=d["message_id"],
+                    request_id=d["request_id"],
+                    endpoint_id=d["endpoint_id"],
+                    account_id=caller.account_id,
+                )
+            )
+        return {"delivery_id": delivery_id, "status": "resend_requested"}
+
+    @api.get("/v1/deliveries/{delivery_id}")
+    async def get_delivery(delivery_id: str, request: Request) -> dict[str, Any]:
+        caller = await authenticate(service.pool, request)
+        d = await service.pool.fetchrow(
+            "SELECT * FROM projection.deliveries WHERE delivery_id = $1 AND account_id = $2",
+            delivery_id,
+            caller.account_id,
+        )
+        if d is None:
+            raise Problem(
+                404, "delivery-not-found", "Delivery not found", f"no delivery {delivery_id}"
+            )
+        attempts = await service.pool.fetch(
+            "SELECT * FROM projection.delivery_attempts WHERE delivery_id = $1"
+            " ORDER BY attempted_at",
+            delivery_id,
+        )
+        return _delivery(d) | {"attempts": [_attempt(a) for a in attempts]}
+
+    @api.get("/v1/calls/{request_id}/deliveries")
+    async def call_deliveries(request_id: str, request: Request) -> dict[str, Any]:
+        """Every destination the call's outcome went to, with every attempt."""
+        caller = await authenticate(service.pool, request)
+        known = await service.pool.fetchval(
+            "SELECT 1 FROM calls WHERE request_id = $1 AND consumer_id = $2",
+            request_id,
+            caller.account_id,
+        )
+        if known is None:
+            raise Problem(404, "call-not-found", "Call not found", f"no call {request_id}")
+        rows = await service.pool.fetch(
+            "SELECT * FROM projection.deliveries WHERE request_id = $1 AND account_id = $2"
+            " ORDER BY created_at",
+            request_id,
+            caller.account_id,
+        )
+        attempts = await service.pool.fetch(
+            "SELECT * FROM projection.delivery_attempts WHERE request_id = $1"
+            " AND delivery_id = ANY($2::text[]) ORDER BY attempted_at",
+            request_id,
+            [r["delivery_id"] for r in rows],
+        )
+        by_delivery: dict[str, list[dict[str, Any]]] = {}
+        for a in attempts:
+            by_delivery.setdefault(a["delivery_id"], []).append(_attempt(a))
+        return {
+            "data": [
+                _delivery(r) | {"attempts": by_delivery.get(r["delivery_id"], [])} for r in rows
+            ]
+        }
+
+    @api.get("/v1/webhooks/{endpoint_id}/attempts")
+    async def endpoint_attempts(
+        endpoint_id: str,
+        request: Request,
+        limit: int = Query(50, ge=1, le=100),
+        before: datetime | None = Query(None, description="Only attempts made before this."),
+    ) -> dict[str, Any]:
+        """The endpoint's attempts, newest first (test messages included)."""
+        caller = await authenticate(service.pool, request)
+        await load(caller, endpoint_id)
+        rows = await service.pool.fetch(
+            "SELECT * FROM projection.delivery_attempts WHERE endpoint_id = $1"
+            " AND ($2::timestamptz IS NULL OR attempted_at < $2)"
+            " ORDER BY attempted_at DESC LIMIT $3",
+            endpoint_id,
+            before,
+            limit,
+        )
+        return {"data": [_attempt(r) for r in rows]}
+
+    @api.get("/v1/webhooks/{endpoint_id}/deliveries")
+    async def endpoint_deliveries(
+        endpoint_id: str,
+        request: Request,
+        status: Literal["pending", "succeeded", "failed", "exhausted"] | None = None,
+        limit: int = Query(50, ge=1, le=100),
+        before: datetime | None = Query(None, description="Only messages made before this."),
+    ) -> dict[str, Any]:
+        """The endpoint's messages, newest first; `status=exhausted` lists the dead letters."""
+        caller = await authenticate(service.pool, request)
+        await load(caller, endpoint_id)
+        rows = await service.pool.fetch(
+            "SELECT * FROM projection.deliveries WHERE endpoint_id = $1"
+            " AND ($2::text IS NULL OR status = $2)"
+            " AND ($3::timestamptz IS NULL OR created_at < $3)"
+            " ORDER BY created_at DESC LIMIT $4",
+            endpoint_id,
+            status,
+            before,
+            limit,
+        )
+        return {"data": [_delivery(r) for r in rows]}
+
+    @service.on_start
+    async def open_session() -> None:
+        http["session"] = guarded_session(
+            guard,
+            connect_timeout=settings.delivery_connect_timeout_seconds,
+            total_timeout=settings.delivery_timeout_seconds,
+            limit=20,
+            user_agent=USER_AGENT,
+        )
+
+    @service.on_stop
+    async def close_session() -> None:
+        if "session" in http:
+            await http["session"].close()
+
+    service.consume(_disabled_endpoints())
+    return api
+
+
+def _require_enabled(state: EndpointState) -> None:
+    if not state.enabled:
+        why = f" ({state.disabled_reason})" if state.disabled_reason else ""
+        raise Problem(
+            409,
+            "endpoint-disabled",
+            "Endpoint disabled",
+            f"enable the endpoint first (PATCH enabled=true){why}",
+        )
+
+
+def _delivery(r: Any) -> dict[str, Any]:
+    return {
+        "delivery_id": r["delivery_id"],
+        "message_id": r["message_id"],
+        "request_id": r["request_id"],
+        "endpoint_id": r["endpoint_id"],
+        "event_type": r["event_type"],
+        "url": r["url"],
+        "status": r["status"],
+        "attempt_count": r["attempts"],
+        "last_status_code": r["last_status_code"],
+        "last_error": r["last_error"],
+        "next_attempt_at": r["next_attempt_at"].isoformat() if r["next_attempt_at"] else None,
+        "created_at": r["created_at"].isoformat() if r["created_at"] else None,
+        "updated_at": r["updated_at"].isoformat() if r["updated_at"] else None,
+    }
+
+
+def _attempt(r: Any) -> dict[str, Any]:
+    return {
+        "attempt_id": r["event_id"],
+        "delivery_id": r["delivery_id"],
+        "message_id": r["message_id"],
+        "endpoint_id": r["endpoint_id"],
+        "url": r["url"],
+        "attempt": r["attempt"],
+        "attempted_at": r["attempted_at"].isoformat(),
+        "status_code": r["status_code"],
+        "latency_ms": r["latency_ms"],
+        "error_class": r["error_class"],
+        "response_headers": json.loads(r["response_headers"]) if r["response_headers"] else {},
+        "response_excerpt": r["response_excerpt"],
+        "next_attempt_at": r["next_attempt_at"].isoformat() if r["next_attempt_at"] else None,
+        "test": r["test"],
+    }
+
+
+def _disabled_endpoints() -> Handlers:
+    """Delivery disables an endpoint (410, continuous failure) with `endpoint.disabled`;
+    ingress, the endpoint's owner, records it and publishes the new state."""
+    h = Handlers("ingress-webhooks", DELIVERIES.name)
+
+    @h.on(EndpointDisabled)
+    async def record_disable(event: CloudEvent, e: EndpointDisabled, uow: UnitOfWork) -> None:
+        row = await uow.conn.fetchrow(
+            "SELECT state FROM webhook_endpoints WHERE endpoint_id = $1 AND deleted_at IS NULL"
+            " FOR UPDATE",
+            e.endpoint_id,
+        )
+        if row is None:
+            return
+        state = EndpointState.model_validate_json(row["state"])
+        state = state.model_copy(
+            update={"enabled": False, "disabled_reason": e.reason, "revision": state.revision + 1}
+        )
+        await uow.conn.execute(
+            "UPDATE webhook_endpoints SET state = $2, updated_at = now() WHERE endpoint_id = $1",
+            e.endpoint_id,
+            state.model_dump_json(),
+        )
+        uow.emit(EndpointUpdated(endpoint=state), cause=event.id)
+
+    return h

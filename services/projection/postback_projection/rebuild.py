@@ -1,0 +1,122 @@
+"""Rebuilding the read model from the topics.
+
+The topics are replayed from offset zero into a fresh schema by the projection's own handlers.
+Then, holding the lock every projection batch takes shared, the replay catches up to the end
+of the topics and the live tables are replaced by the rebuilt ones in one transaction: readers
+see the old read model or the new one, never a mix. The live projection resumes from its
+committed offsets; what the rebuild already applied is in the copied inbox and is skipped."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from postback_libs.consumer import BatchApplier
+from postback_libs.db import create_pool, migrate
+from postback_libs.outbox import new_producer
+from postback_libs.settings import Settings
+from postback_projection.app import handler_sets
+from postback_projection.calls import SWAP_LOCK
+
+LIVE = "projection"
+REBUILD = "projection_rebuild"
+KEEP_OUT = {"schema_migrations", "outbox"}
+Progress = Callable[[int, int], None]
+
+
+class Replay:
+    """Applies every topic of the projection, from the beginning, into the rebuild schema."""
+
+    def __init__(self, settings: Settings, pool: Any, producer: Any) -> None:
+        self.settings = settings
+        self.appliers = {
+            settings.topic(h.topic): BatchApplier(h, pool, settings, "projection", producer)
+            for h in handler_sets()
+        }
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False, group_id=None
+        )
+        self.applied = 0
+        self.partitions: list[TopicPartition] = []
+
+    async def start(self) -> None:
+        await self.consumer.start()
+        for topic in self.appliers:
+            parts = self.consumer.partitions_for_topic(topic) or set()
+            self.partitions += [TopicPartition(topic, p) for p in sorted(parts)]
+        self.consumer.assign(self.partitions)
+        await self.consumer.seek_to_beginning(*self.partitions)
+
+    async def until_end(self, progress: Progress) -> None:
+        """Apply everything the topics hold now, and what arrives while doing so, until a
+        fetch comes back empty. The end offsets are a floor, not the stop: some brokers report
+        them a batch behind, and reading past them is harmless (the live projection skips
+        what the rebuilt inbox already holds)."""
+        ends = await self.consumer.end_offsets(self.partitions)
+        total = sum(ends.values())
+        behind = {tp for tp, end in ends.items() if await self.consumer.position(tp) < end}
+        for _ in range(100_000):
+            batches = await self.consumer.getmany(timeout_ms=300, max_records=5000)
+            for tp, records in batches.items():
+                await self.appliers[tp.topic].apply(records)
+                self.applied += len(records)
+            behind = {tp for tp in behind if await self.consumer.position(tp) < ends[tp]}
+            progress(self.applied, max(total, self.applied))
+            if not batches and not behind:
+                return
+
+    async def stop(self) -> None:
+        await self.consumer.stop()
+
+
+async def _tables(conn: Any, schema: str) -> list[str]:
+    rows = await conn.fetch(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = $1"
+        " AND table_type = 'BASE TABLE' ORDER BY table_name",
+        schema,
+    )
+    return [r["table_name"] for r in rows if r["table_name"] not in KEEP_OUT]
+
+
+async def rebuild(settings: Settings, progress: Progress) -> dict[str, Any]:
+    started = time.perf_counter()
+    admin = await asyncpg.connect(settings.database_url)
+    producer = new_producer(settings)
+    await producer.start()
+    pool = None
+    replay = None
+    try:
+        await admin.execute(f'DROP SCHEMA IF EXISTS "{REBUILD}" CASCADE')
+        await migrate(settings.database_url, REBUILD, "postback_projection")
+        pool = await create_pool(settings.database_url, REBUILD)
+        replay = Replay(settings, pool, producer)
+        await replay.start()
+        await replay.until_end(progress)
+        async with admin.transaction():
+            # Live batches wait from here; the replay takes what arrived meanwhile, then the
+            # tables change hands in this one transaction.
+            await admin.execute("SELECT pg_advisory_xact_lock($1)", SWAP_LOCK)
+            await replay.until_end(progress)
+            tables = await _tables(admin, REBUILD)
+            for table in tables:
+                await admin.execute(f'TRUNCATE "{LIVE}"."{table}"')
+                await admin.execute(
+                    f'INSERT INTO "{LIVE}"."{table}" SELECT * FROM "{REBUILD}"."{table}"'
+                )
+        return {
+            "events": replay.applied,
+            "tables": tables,
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+    finally:
+        if replay is not None:
+            await replay.stop()
+        if pool is not None:
+            await pool.close()
+        await producer.stop()
+        await admin.execute(f'DROP SCHEMA IF EXISTS "{REBUILD}" CASCADE')
+        await admin.close()

@@ -1,0 +1,267 @@
+"""The shared consumer (`postback_libs.consumer`), exercised through settlement against the real
+broker and Postgres: redelivery has no second effect, poison records go to the DLQ without
+blocking their partition, and offsets and the inbox carry a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import asyncpg
+
+from postback_libs.events import CallCompleted, CreditRequested
+from postback_libs.metrics import EVENTS_CONSUMED
+from postback_settlement.app import build as settlement
+from tests.helpers import (
+    TopicReader,
+    call_routed,
+    events_of,
+    eventually,
+    fetch,
+    publish,
+    republish,
+    running,
+    uid,
+)
+
+UPSTREAM = "http://127.0.0.1:9/api"
+
+
+def raw_count(reader: TopicReader, type_: str, subject: str) -> int:
+    """Records on the topic, duplicates included (a re-emitted event keeps its derived id)."""
+    n = 0
+    for r in reader.raw:
+        try:
+            e = json.loads(r.value)
+        except ValueError:
+            continue
+        n += e.get("type") == type_ and e.get("subject") == subject
+    return n
+
+
+def consumed(group: str, type_: str, outcome: str) -> float:
+    return EVENTS_CONSUMED.labels(group, type_, outcome)._value.get()
+
+
+async def fund(settings, ledger: TopicReader, account_id: str, amount: int):
+    [credit] = await publish(
+        settings, CreditRequested(credit_id=uid("cr"), account_id=account_id, amount=amount)
+    )
+    await eventually(
+        lambda: [
+            e
+            for e in ledger.of_type("account.credited")
+            if e.data["credit_id"] == credit.data["credit_id"]
+        ],
+        what="credit applied",
+    )
+    return credit
+
+
+async def consumer_balance(svc, consumer: str) -> tuple[int, int]:
+    [row] = await fetch(
+        svc,
+        "SELECT credits_posted - debits_posted AS balance, debits_pending FROM accounts"
+        " WHERE id = $1",
+        f"consumer:{consumer}",
+    )
+    return row["balance"], row["debits_pending"]
+
+
+async def test_a_redelivered_event_has_no_second_effect(settings):
+    consumer, owner = uid("acct_c"), uid("acct_o")
+    async with (
+        TopicReader(settings, "postback.calls") as calls,
+        TopicReader(settings, "postback.ledger") as ledger,
+        running(settings, settlement) as [svc],
+    ):
+        credit = await fund(settings, ledger, consumer, 100)
+        routed = call_routed(UPSTREAM, consumer_id=consumer, owner_id=owner, price=10)
+        rid = routed.request_id
+        [routed_event] = await publish(settings, routed)
+        await events_of(calls, "call.authorized", rid)
+        assert await consumer_balance(svc, consumer) == (100, 10)
+
+        # The same records again, byte for byte, then a new event behind each on its partition:
+        # once the new ones are applied, the redelivered ones have been read.
+        await republish(settings, routed_event, "postback.calls")
+        await republish(settings, credit, "postback.ledger")
+        await publish(settings, CallCompleted(request_id=rid, via="response", result=1))
+        await fund(settings, ledger, consumer, 1)
+        await events_of(calls, "call.settled", rid)
+        await events_of(ledger, "transfer.posted", n=2)
+
+        assert raw_count(calls, "call.authorized", rid) == 1
+        assert raw_count(calls, "call.settled", rid) == 1
+        assert len(ledger.of_type("transfer.reserved")) == 2
+        assert len(ledger.of_type("account.credited")) == 2
+        assert len(await fetch(svc, "SELECT * FROM reservations")) == 1
+        assert len(await fetch(svc, "SELECT * FROM transfers WHERE kind = 'pending'")) == 2
+        assert await consumer_balance(svc, consumer) == (91, 0)
+        inbox = await fetch(
+            svc,
+            "SELECT consumer FROM inbox WHERE event_id = ANY($1::text[])",
+            [routed_event.id, credit.id],
+        )
+        assert sorted(r["consumer"] for r in inbox) == ["settlement", "settlement-funding"]
+
+
+async def test_poison_records_go_to_the_dlq_and_the_partition_moves_on(settings):
+    consumer, owner = uid("acct_c"), uid("acct_o")
+    async with (
+        TopicReader(settings, "postback.calls") as calls,
+        TopicReader(settings, "postback.ledger") as ledger,
+        TopicReader(settings, "postback.dlq") as dlq,
+        running(settings, settlement),
+    ):
+        await fund(settings, ledger, consumer, 100)
+        good = call_routed(UPSTREAM, consumer_id=consumer, owner_id=owner, price=10)
+        rid = good.request_id
+        topic, key = settings.topic("postback.calls"), rid.encode()
+        not_json = b'{"specversion": "1.0", "id": '
+        missing_fields = json.dumps(
+            {
+                "specversion": "1.0",
+                "id": uid("evt"),
+                "source": "test",
+                "type": "call.routed",
+                "subject": rid,
+                "time": "2025-01-01T00:00:00Z",
+                "data": {"request_id": rid},
+            }
+        ).encode()
+        await publish(
+            settings,
+            (topic, key, not_json, "call.routed"),
+            (topic, key, missing_fields, "call.routed"),
+            good,
+        )
+
+        await events_of(calls, "call.authorized", rid)
+        letters = await events_of(dlq, "dead_letter.recorded", n=2)
+        assert len(letters) == 2
+        by_original = {e.data["original"].encode(): e.data for e in letters}
+        assert set(by_original) == {not_json, missing_fields}
+        for letter in by_original.values():
+            assert letter["consumer_group"] == "settlement"
+            assert letter["original_topic"] == topic
+            assert letter["original_key"] == rid
+            assert letter["error"]
+            assert letter["attempts"] >= 1
+        assert "JSON" in by_original[not_json]["error"] or "json" in by_original[not_json]["error"]
+        assert "owner_id" in by_original[missing_fields]["error"]
+        offsets = sorted(letter["offset"] for letter in by_original.values())
+        assert offsets[0] != offsets[1]
+        # The DLQ is keyed by the original key, so a replay lands on the same partition.
+        assert {r.key for r in dlq.raw} == {key}
+
+
+async def test_an_event_whose_handler_keeps_failing_is_dead_lettered_after_retries(settings):
+    consumer, owner = uid("acct_c"), uid("acct_o")
+    async with (
+        TopicReader(settings, "postback.calls") as calls,
+        TopicReader(settings, "postback.ledger") as ledger,
+        TopicReader(settings, "postback.dlq") as dlq,
+        running(settings, settlement) as [svc],
+    ):
+        await fund(settings, ledger, consumer, 100)
+        # Valid as an event, but the price does not fit the ledger's bigint: the handler fails
+        # every time.
+        poison = call_routed(UPSTREAM, consumer_id=consumer, owner_id=owner, price=2**63)
+        good = call_routed(
+            UPSTREAM, consumer_id=consumer, owner_id=owner, price=10, request_id=poison.request_id
+        )
+        [poison_event, _] = await publish(settings, poison, good)
+        rid = poison.request_id
+
+        [authorized] = await events_of(calls, "call.authorized", rid, timeout=30)
+        assert authorized.data["amount"] == 10
+        [letter] = await events_of(dlq, "dead_letter.recorded")
+        assert letter.data["consumer_group"] == "settlement"
+        assert letter.data["attempts"] == settings.handler_retries + 1
+        assert json.loads(letter.data["original"])["id"] == poison_event.id
+        assert "int64" in letter.data["error"] or "range" in letter.data["error"]
+        assert await consumer_balance(svc, consumer) == (100, 10)
+        [reservation] = await fetch(svc, "SELECT amount FROM reservations")
+        assert reservation["amount"] == 10
+
+
+async def test_a_restart_neither_reapplies_nor_misses_events(settings):
+    consumer, owner = uid("acct_c"), uid("acct_o")
+    async with (
+        TopicReader(settings, "postback.calls") as calls,
+        TopicReader(settings, "postback.ledger") as ledger,
+    ):
+        before = [call_routed(UPSTREAM, consumer_id=consumer, owner_id=owner) for _ in range(3)]
+        async with running(settings, settlement):
+            await fund(settings, ledger, consumer, 100)
+            await publish(settings, *before)
+            for routed in before:
+                await events_of(calls, "call.authorized", routed.request_id)
+
+        # Published while settlement is down.
+        during = [call_routed(UPSTREAM, consumer_id=consumer, owner_id=owner) for _ in range(2)]
+        done = before[0].request_id
+        await publish(settings, *during, CallCompleted(request_id=done, via="response", result=1))
+
+        duplicates = consumed("settlement", "call.routed", "duplicate")
+        async with running(settings, settlement) as [svc]:
+            for routed in during:
+                await events_of(calls, "call.authorized", routed.request_id)
+            await events_of(calls, "call.settled", done)
+            # Every authorization once, none re-emitted after the restart.
+            for routed in [*before, *during]:
+                assert raw_count(calls, "call.authorized", routed.request_id) == 1
+            assert raw_count(calls, "call.settled", done) == 1
+            await events_of(ledger, "transfer.reserved", n=2 * 5)
+            await events_of(ledger, "transfer.posted", n=2)
+            assert len(ledger.of_type("transfer.reserved")) == 2 * 5
+            assert len(ledger.of_type("account.credited")) == 1
+            assert await consumer_balance(svc, consumer) == (90, 40)
+            [n] = await fetch(svc, "SELECT count(*) AS n FROM inbox WHERE consumer = 'settlement'")
+            assert n["n"] == 6
+        # The offsets committed before the stop held: nothing was even read twice.
+        assert consumed("settlement", "call.routed", "duplicate") == duplicates
+
+
+async def test_an_event_in_flight_at_shutdown_is_finished_and_not_applied_again(settings):
+    consumer, owner = uid("acct_c"), uid("acct_o")
+    async with (
+        TopicReader(settings, "postback.calls") as calls,
+        TopicReader(settings, "postback.ledger") as ledger,
+    ):
+        routed = call_routed(UPSTREAM, consumer_id=consumer, owner_id=owner, price=10)
+        rid = routed.request_id
+        blocker = await asyncpg.connect(settings.database_url)
+        try:
+            async with running(settings, settlement) as [svc]:
+                await fund(settings, ledger, consumer, 100)
+                # Hold the handler inside its transaction: its effects are not committed yet.
+                tx = blocker.transaction()
+                await tx.start()
+                await blocker.execute("LOCK TABLE settlement.reservations IN EXCLUSIVE MODE")
+                await publish(settings, routed)
+                await eventually(
+                    lambda: blocker.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity WHERE application_name ="
+                        " 'settlement' AND wait_event_type = 'Lock'"
+                    ),
+                    what="the handler blocked mid-transaction",
+                )
+                # SIGTERM now: the stop waits for the batch in flight.
+                stopping = asyncio.create_task(svc.stop())
+                await asyncio.sleep(1.0)
+                assert not stopping.done()
+                assert raw_count(calls, "call.authorized", rid) == 0
+                await tx.rollback()
+                await asyncio.wait_for(stopping, 30)
+        finally:
+            await blocker.close()
+        await events_of(calls, "call.authorized", rid)
+
+        async with running(settings, settlement) as [svc]:
+            await events_of(calls, "call.authorized", rid)
+            await asyncio.sleep(0.5)
+            assert raw_count(calls, "call.authorized", rid) == 1
+            assert len(await fetch(svc, "SELECT * FROM reservations")) == 1
+            assert await consumer_balance(svc, consumer) == (100, 10)

@@ -1,0 +1,258 @@
+"""Owner-adapter against the real broker, Postgres and real owner HTTP servers: it forwards each
+authorized call, turns the owner's response or callback into the call's outcome, retries owner
+errors, and times calls out at their deadline, even one that passed while it was down."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime
+
+import aiohttp
+import httpx
+from aiohttp import web
+from standardwebhooks.webhooks import Webhook
+
+from postback_libs.events import CallAuthorized
+from postback_libs.signing import derive_secret
+from postback_owner_adapter.app import build as owner_adapter
+from postback_owner_adapter.domain import callback_token
+from tests.helpers import (
+    HttpServer,
+    TopicReader,
+    call_routed,
+    events_of,
+    eventually,
+    failing_owner,
+    fetch,
+    owner_server,
+    publish,
+    running,
+    silent_async_owner,
+    sleepy_owner,
+)
+
+OUTCOMES = {"call.completed", "call.failed", "call.timed_out"}
+
+
+def master(settings) -> bytes:
+    return settings.secret_key.get_secret_value().encode()
+
+
+async def route_and_authorize(settings, upstream_url: str, **over):
+    routed = call_routed(upstream_url, **over)
+    await publish(
+        settings,
+        routed,
+        CallAuthorized(request_id=routed.request_id, consumer_id=routed.consumer_id, amount=10),
+    )
+    return routed
+
+
+async def post_callback(svc, request_id: str, body: bytes, token: str) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=svc.http_url, timeout=10) as http:
+        return await http.post(
+            f"/v1/callbacks/{request_id}",
+            content=body,
+            headers={"X-Postback-Callback-Token": token, "content-type": "application/json"},
+        )
+
+
+async def test_a_sync_owner_answers_in_its_response(settings):
+    async with (
+        owner_server() as owner,
+        TopicReader(settings, "postback.calls") as calls,
+        running(settings, owner_adapter) as [svc],
+    ):
+        routed = await route_and_authorize(settings, f"{owner.url}/sync", params={"q": "x"})
+        rid = routed.request_id
+        [completed] = await events_of(calls, "call.completed", rid)
+        assert completed.data["via"] == "response"
+        assert completed.data["status_code"] == 200
+        assert completed.data["result"] == {"echo": {"q": "x"}, "via": "sync"}
+        [dispatched] = calls.of_type("call.dispatched", rid)
+        assert dispatched.data["attempt"] == 1
+
+        # The owner got a forwarded request it can verify came from Postback.
+        [(path, headers, body)] = owner.received
+        assert path == "/sync"
+        assert headers["X-Postback-Request-Id"] == rid
+        assert datetime.fromisoformat(headers["X-Postback-Deadline"]) == routed.deadline
+        assert headers["X-Postback-Callback-Url"] == f"{svc.http_url}/v1/callbacks/{rid}"
+        assert headers["X-Postback-Callback-Token"] == callback_token(master(settings), rid)
+        Webhook(derive_secret(master(settings), "api", routed.api_id)).verify(body, headers)
+        assert json.loads(body) == {"q": "x"}
+        [row] = await fetch(svc, "SELECT status FROM dispatches WHERE request_id = $1", rid)
+        assert row["status"] == "completed"
+
+
+async def test_an_async_owner_answers_by_callback(settings):
+    async with (
+        owner_server(delay=0.1) as owner,
+        TopicReader(settings, "postback.calls") as calls,
+        running(settings, owner_adapter),
+    ):
+        routed = await route_and_authorize(settings, f"{owner.url}/async", delivery_mode="async")
+        rid = routed.request_id
+        [completed] = await events_of(calls, "call.completed", rid)
+        assert completed.data["via"] == "callback"
+        assert completed.data["result"] == {"echo": {"n": 1}, "via": "callback"}
+        [accepted] = calls.of_type("call.accepted", rid)
+        assert datetime.fromisoformat(accepted.data["deadline"]) == routed.deadline
+        types = [e.type for e in calls.events if e.subject == rid]
+        assert types.index("call.accepted") < types.index("call.completed")
+
+
+async def test_callbacks_are_accepted_once_and_checked(settings):
+    async with (
+        silent_async_owner() as owner,
+        TopicReader(settings, "postback.calls") as calls,
+        running(settings, owner_adapter) as [svc],
+    ):
+        routed = await route_and_authorize(settings, f"{owner.url}/async")
+        rid = routed.request_id
+        await events_of(calls, "call.accepted", rid)
+        token = callback_token(master(settings), rid)
+
+        r = await post_callback(svc, rid, b'{"answer": 42}', "not-the-token")
+        assert r.status_code == 401
+        assert r.headers["content-type"].startswith("application/problem+json")
+
+        r = await post_callback(svc, rid, b'{"answer": 42}', token)
+        assert r.status_code == 200, r.text
+        r = await post_callback(svc, rid, b'{"answer": 42}', token)
+        assert r.status_code == 200, r.text
+
+        r = await post_callback(svc, rid, b'{"answer": 43}', token)
+        assert r.status_code == 409
+        assert r.headers["content-type"].startswith("application/problem+json")
+        problem = r.json()
+        assert problem["status"] == 409
+        assert problem["type"]
+        assert problem["title"]
+
+        [completed] = await events_of(calls, "call.completed", rid)
+        assert completed.data["result"] == {"answer": 42}
+        await asyncio.sleep(0.5)  # a second outcome would show up here
+        assert len(calls.of_type("call.completed", rid)) == 1
+        assert not calls.of_type("call.failed", rid)
+
+
+async def test_an_owner_that_keeps_failing_is_retried_then_the_call_fails(settings):
+    async with (
+        failing_owner(500) as owner,
+        TopicReader(settings, "postback.calls") as calls,
+        running(settings, owner_adapter),
+    ):
+        routed = await route_and_authorize(settings, f"{owner.url}/fail")
+        rid = routed.request_id
+        [failed] = await events_of(calls, "call.failed", rid, timeout=20)
+        assert failed.data["reason"] == "owner_error"
+        assert failed.data["status_code"] == 500
+        attempts = [e.data["attempt"] for e in calls.of_type("call.dispatched", rid)]
+        assert attempts == list(range(1, settings.owner_max_attempts + 1))
+        assert len(owner.received) == settings.owner_max_attempts
+        assert not calls.of_type("call.completed", rid)
+
+
+async def test_an_async_owner_that_never_calls_back_times_out_and_a_late_callback_is_refused(
+    settings,
+):
+    async with (
+        silent_async_owner() as owner,
+        TopicReader(settings, "postback.calls") as calls,
+        running(settings, owner_adapter) as [svc],
+    ):
+        routed = await route_and_authorize(settings, f"{owner.url}/async", deadline_in=1.5)
+        rid = routed.request_id
+        await events_of(calls, "call.accepted", rid)
+        [timed_out] = await events_of(calls, "call.timed_out", rid, timeout=10)
+        assert datetime.fromisoformat(timed_out.data["deadline"]) == routed.deadline
+        assert datetime.now(UTC) >= routed.deadline
+
+        r = await post_callback(svc, rid, b'{"late": true}', callback_token(master(settings), rid))
+        assert r.status_code == 409
+        assert r.headers["content-type"].startswith("application/problem+json")
+        await asyncio.sleep(0.3)
+        assert [e.type for e in calls.events if e.subject == rid and e.type in OUTCOMES] == [
+            "call.timed_out"
+        ]
+
+
+async def test_an_owner_that_never_answers_times_out_and_a_late_callback_is_refused(settings):
+    async with (
+        sleepy_owner(3.0) as owner,
+        TopicReader(settings, "postback.calls") as calls,
+        running(settings, owner_adapter) as [svc],
+    ):
+        routed = await route_and_authorize(settings, f"{owner.url}/slow", deadline_in=1.5)
+        rid = routed.request_id
+
+        def outcome():
+            return [e for e in calls.events if e.subject == rid and e.type in OUTCOMES]
+
+        [out] = await eventually(outcome, timeout=10, what="an outcome")
+        assert out.type == "call.timed_out", out
+        assert datetime.fromisoformat(out.data["deadline"]) == routed.deadline
+
+        r = await post_callback(svc, rid, b'{"late": true}', callback_token(master(settings), rid))
+        assert r.status_code == 409
+        assert r.headers["content-type"].startswith("application/problem+json")
+        await asyncio.sleep(0.3)
+        assert len(outcome()) == 1
+
+
+async def test_a_deadline_that_passes_while_the_adapter_is_down_times_the_call_out(settings):
+    async with silent_async_owner() as owner, TopicReader(settings, "postback.calls") as calls:
+        async with running(settings, owner_adapter):
+            routed = await route_and_authorize(settings, f"{owner.url}/async", deadline_in=3)
+            rid = routed.request_id
+            await events_of(calls, "call.accepted", rid)
+        # The adapter is down; the deadline passes with nobody watching.
+        assert not calls.of_type("call.timed_out", rid)
+        wait = (routed.deadline - datetime.now(UTC)).total_seconds() + 0.2
+        await asyncio.sleep(max(0.0, wait))
+        assert not calls.of_type("call.timed_out", rid)
+
+        async with running(settings, owner_adapter) as [svc]:
+            [timed_out] = await events_of(calls, "call.timed_out", rid, timeout=10)
+            assert datetime.fromisoformat(timed_out.data["deadline"]) == routed.deadline
+            [row] = await fetch(svc, "SELECT status FROM dispatches WHERE request_id = $1", rid)
+            assert row["status"] == "timed_out"
+        assert len(owner.received) == 1  # dispatched once, not again after the restart
+
+
+async def test_a_callback_that_overtakes_the_202_still_records_the_dispatch(settings):
+    async def eager(request: web.Request) -> web.Response:
+        # Calls back first, and only then answers 202 to the forwarded request.
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(
+                request.headers["X-Postback-Callback-Url"],
+                json={"eager": True},
+                headers={"X-Postback-Callback-Token": request.headers["X-Postback-Callback-Token"]},
+            ) as r,
+        ):
+            assert r.status == 200
+        return web.json_response({"accepted": True}, status=202)
+
+    async with (
+        HttpServer({"/eager": eager}) as owner,
+        TopicReader(settings, "postback.calls") as calls,
+        running(settings, owner_adapter),
+    ):
+        routed = await route_and_authorize(settings, f"{owner.url}/eager")
+        rid = routed.request_id
+        [completed] = await events_of(calls, "call.completed", rid)
+        assert (
+            completed.data.items()
+            >= {
+                "request_id": rid,
+                "via": "callback",
+                "content_type": "application/json",
+                "result": {"eager": True},
+            }.items()
+        )
+        assert len(owner.received) == 1
+        await asyncio.sleep(0.5)
+        assert [e.data["attempt"] for e in calls.of_type("call.dispatched", rid)] == [1]

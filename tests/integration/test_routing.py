@@ -1,0 +1,102 @@
+"""Routing against the real broker: it follows the catalog and accounts topics and turns each
+`call.requested` into `call.routed` or `call.rejected`."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from postback_libs.events import (
+    AccountCreated,
+    AccountSuspended,
+    ApiRegistered,
+    CallRequested,
+)
+from postback_routing.app import build as routing
+from tests.helpers import (
+    TopicReader,
+    account_state,
+    api_state,
+    events_of,
+    publish,
+    running,
+    uid,
+)
+
+
+def requested(consumer_id: str, api: str, **over: object) -> CallRequested:
+    return CallRequested(
+        request_id=uid("req"),
+        consumer_id=consumer_id,
+        api=api,
+        params={"city": "Oslo"},
+        webhook_url="http://127.0.0.1:9/hook",
+        **over,  # type: ignore[arg-type]
+    )
+
+
+async def test_known_api_is_routed_and_unknown_api_rejected(settings):
+    api = api_state(price=25, fee_bps=None, max_duration_seconds=120, endpoint="http://o/api")
+    consumer = account_state()
+    await publish(settings, ApiRegistered(api=api), AccountCreated(account=consumer))
+    async with TopicReader(settings, "postback.calls") as calls, running(settings, routing):
+        by_slug = requested(consumer.account_id, api.slug)
+        by_id = requested(consumer.account_id, api.api_id)
+        unknown = requested(consumer.account_id, "no-such-api")
+        before = datetime.now(UTC)
+        await publish(settings, by_slug, by_id, unknown)
+
+        for req in (by_slug, by_id):
+            [routed] = await events_of(calls, "call.routed", req.request_id)
+            data = routed.data
+            assert data["api_id"] == api.api_id
+            assert data["owner_id"] == api.owner_id
+            assert data["consumer_id"] == consumer.account_id
+            assert data["upstream_url"] == "http://o/api"
+            assert data["price"] == 25
+            assert data["fee_bps"] == settings.platform_fee_bps
+            assert data["params"] == {"city": "Oslo"}
+            deadline = datetime.fromisoformat(data["deadline"])
+            assert before + timedelta(seconds=119) < deadline
+            assert deadline < datetime.now(UTC) + timedelta(seconds=121)
+            assert routed.source == "routing"
+
+        [rejected] = await events_of(calls, "call.rejected", unknown.request_id)
+        assert rejected.data["reason"] == "unknown_api"
+        assert rejected.data["stage"] == "routing"
+        assert not calls.of_type("call.routed", unknown.request_id)
+
+
+async def test_an_api_registered_just_before_the_call_is_found(settings):
+    async with TopicReader(settings, "postback.calls") as calls, running(settings, routing):
+        # Routing is up and has read an empty catalog; the registration and the call that
+        # follows it land on different topics at nearly the same moment.
+        api = api_state(price=7)
+        consumer = account_state()
+        req = requested(consumer.account_id, api.slug)
+        await publish(settings, AccountCreated(account=consumer), ApiRegistered(api=api), req)
+
+        await events_of(calls, "call.routed", req.request_id)
+        assert not calls.of_type("call.rejected", req.request_id)
+        assert calls.of_type("call.routed", req.request_id)[0].data["price"] == 7
+
+
+async def test_a_suspended_account_is_rejected(settings):
+    api = api_state()
+    active = account_state()
+    suspended = account_state()
+    await publish(
+        settings,
+        ApiRegistered(api=api),
+        AccountCreated(account=active),
+        AccountCreated(account=suspended),
+        AccountSuspended(account=suspended.model_copy(update={"status": "suspended"})),
+    )
+    async with TopicReader(settings, "postback.calls") as calls, running(settings, routing):
+        ok = requested(active.account_id, api.slug)
+        refused = requested(suspended.account_id, api.slug)
+        await publish(settings, ok, refused)
+        await events_of(calls, "call.routed", ok.request_id)
+        [rejected] = await events_of(calls, "call.rejected", refused.request_id)
+        assert rejected.data["reason"] == "account_suspended"
+        assert rejected.data["stage"] == "routing"
+        assert not calls.of_type("call.routed", refused.request_id)

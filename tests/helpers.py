@@ -69,7 +69,7 @@ def client(service: Service) -> httpx.AsyncClient:
 
 
 async def eventually(
-    check: Callable[[], Any], timeout: float = 20.0, every: float = 0.05, what: str = "condition"
+    check: Callable[[], Any], timeout: float = 45.0, every: float = 0.05, what: str = "condition"
 ) -> Any:
     """Poll an async or sync check until it returns a truthy value."""
     deadline = time.monotonic() + timeout
@@ -356,7 +356,7 @@ async def fetch(service: Service, sql: str, *args: Any) -> list[Any]:
 
 
 async def events_of(
-    reader: TopicReader, type_: str, subject: str | None = None, n: int = 1, timeout: float = 20.0
+    reader: TopicReader, type_: str, subject: str | None = None, n: int = 1, timeout: float = 45.0
 ) -> list[CloudEvent]:
     """Wait until the reader holds at least `n` events of a type (and subject)."""
     await eventually(

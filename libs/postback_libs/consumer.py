@@ -46,12 +46,15 @@ class Handlers:
         *,
         before_batch: BatchHook | None = None,
         after_batch: BatchHook | None = None,
+        after_commit: Callable[[], None] | None = None,
     ) -> None:
         """`before_batch` runs first in each batch's transaction (a lock, say); `after_batch`
         runs last, before the commit (writing rows the handlers gathered in `uow.scratch`)."""
         self.group, self.topic = group, topic
         self.by_type: dict[str, Handler] = {}
         self.before_batch, self.after_batch = before_batch, after_batch
+        # For work that must see the batch's rows: a wake-up sent before the commit is missed.
+        self.after_commit = after_commit
 
     def on(self, *models: type[EventData]) -> Callable[[Handler], Handler]:
         def register(fn: Handler) -> Handler:
@@ -163,6 +166,8 @@ class BatchApplier:
                 await self.handlers.after_batch(uow)
             await uow.flush()
         self.on_commit()
+        if self.handlers.after_commit is not None:
+            self.handlers.after_commit()
         for type_, outcome in outcomes:
             EVENTS_CONSUMED.labels(self.group, type_, outcome).inc()
 

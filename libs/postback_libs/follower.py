@@ -50,7 +50,7 @@ class TopicFollower:
 
     async def _follow(self) -> None:
         while True:
-            batches = await self.consumer.getmany(timeout_ms=500, max_records=1000)
+            batches = await self.consumer.getmany(timeout_ms=100, max_records=1000)
             for records in batches.values():
                 for record in records:
                     try:

@@ -77,7 +77,6 @@ def build(settings: Settings) -> Service:
             " WHERE request_id = $1 AND status = 'routed'",
             call.request_id,
         )
-        queue.wake.set()
 
     @handlers.on(CallRejected)
     async def cancel_dispatch(event: CloudEvent, call: CallRejected, uow: UnitOfWork) -> None:
@@ -332,5 +331,6 @@ def build(settings: Settings) -> Service:
             f"the call is {row['status']}; a different result cannot replace it",
         )
 
+    handlers.after_commit = queue.wake.set  # authorized calls are due at once
     service.consume(handlers)
     return service

@@ -35,16 +35,17 @@ def plot(r: dict[str, Any], path: Path) -> bool:
                         s["accepted_per_second"], s[f"{q}_ms"], marker="*", ms=12, color=color
                     )
         left.set_title("Accept latency (POST answered); * = saturation at its achieved rate")
-        left.set_xlabel("offered calls/s (k6, open loop)")
+        left.set_xlabel("offered calls/s (k6, open loop), log scale")
+        left.set_xscale("log")
         left.set_ylabel("latency, ms")
         left.set_yscale("log")
         left.grid(True, which="both", alpha=0.3)
         left.legend(fontsize=8)
     if not failed(e2e):
-        points = [e2e["latency"], *e2e.get("ramp", [])]
-        if e2e["sustained"].get("separate_phase"):
-            points.append(e2e["sustained"])
-        points.sort(key=lambda x: x["offered_per_second"])
+        # One point per offered rate (the latest phase at it), the sustained minute apart.
+        by_rate = {x["offered_per_second"]: x for x in [e2e["latency"], *e2e.get("ramp", [])]}
+        points = [by_rate[k] for k in sorted(by_rate)]
+        su = e2e["sustained"]
         for q, style in styles.items():
             right.plot(
                 [x["offered_per_second"] for x in points],
@@ -52,8 +53,14 @@ def plot(r: dict[str, Any], path: Path) -> bool:
                 style,
                 marker="o",
                 color="tab:green",
-                label=f"end to end {q}",
+                label=f"end to end {q} (10-15 s phases)",
             )
+            if su.get("separate_phase"):
+                right.plot(
+                    su["offered_per_second"], su["latency_ms"][q], marker="*", ms=12, color="k"
+                )
+        if su.get("separate_phase"):
+            right.plot([], [], "k*", ms=12, label="sustained minute (p50, p95, p99)")
         right.axhline(500, color="tab:red", lw=0.8, label="target p99 at 200/s")
         right.set_title("POST /v1/calls to webhook arrival")
         right.set_xlabel("offered calls/s")

@@ -286,13 +286,16 @@ class Run:
                     rate = (best or low)["offered_per_second"]
                     sustained, _ = await self._step(e, "sustained", rate, p.sustained_seconds)
                     lower = [x for x in tried if x["kept_up"] and x["offered_per_second"] < rate]
-                    if not sustained["kept_up"] and lower:
+                    if not sustained["kept_up"]:
                         # A minute is longer than a step: fall back once to the next rate
-                        # below that kept up, and keep the failed minute in the table.
+                        # below that kept up (or to three quarters of this one), and keep the
+                        # failed minute in the table.
                         ramp.append({**sustained, "name": f"sustained at {rate:g}/s, first try"})
-                        rate = max(lower, key=lambda x: x["offered_per_second"])[
-                            "offered_per_second"
-                        ]
+                        rate = (
+                            max(x["offered_per_second"] for x in lower)
+                            if lower
+                            else max(5, _round5(0.75 * rate))
+                        )
                         sustained, _ = await self._step(e, "sustained", rate, p.sustained_seconds)
                     if not sustained["kept_up"]:
                         note = "it did not keep up at this rate: the figure is what it delivered"

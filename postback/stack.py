@@ -5,6 +5,7 @@ process, restarted if it dies, all stopped in order on Ctrl-C or SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import http.client
 import os
 import secrets
 import signal
@@ -158,8 +159,8 @@ class Stack:
                     with urllib.request.urlopen(url, timeout=1) as r:
                         if r.status == 200:
                             pending.discard(service)
-                except OSError:
-                    pass
+                except (OSError, http.client.HTTPException):
+                    pass  # not listening yet, or something else answered on the port
             if time.monotonic() > deadline:
                 raise RuntimeError(f"not ready after {timeout:.0f}s: {', '.join(sorted(pending))}")
             time.sleep(0.2)

@@ -105,12 +105,12 @@ class OutboxRelay:
                 await asyncio.sleep(2)
             self.leader = True
             while True:
+                self._wake.clear()  # before reading: a wake-up during the publish is kept
                 published = await self.publish_pending(conn)
                 if published:
                     continue
                 if self._stopping:
                     return
-                self._wake.clear()
                 # Writers in this process wake the relay as they commit. A short poll picks up
                 # what other replicas wrote while this one leads: no NOTIFY, whose commit-time
                 # queue lock would serialise every writer's commit.

@@ -33,6 +33,8 @@ class WorkQueue:
 
     async def run(self) -> None:
         while not self._stopping:
+            # Cleared before claiming: a wake-up that arrives during the claim is kept.
+            self.wake.clear()
             free = self.concurrency - len(self._in_flight)
             rows = await self.claim(free) if free > 0 else []
             for row in rows:
@@ -40,7 +42,6 @@ class WorkQueue:
                 self._in_flight.add(task)
                 task.add_done_callback(self._done)
             if not rows:
-                self.wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wake.wait(), self.idle_poll_seconds)
 

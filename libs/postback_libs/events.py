@@ -378,36 +378,30 @@ class AccountCredited(ConsumerLedgerEvent):
     balance: Money
 
 
-@event("transfer.reserved", LEDGER, "debit_account")
-class TransferReserved(EventData):
+class TransferMoved(EventData):
+    """What every transfer event says: which transfer moved how much between which accounts."""
+
     transfer_id: str
     request_id: str
     debit_account: str
     credit_account: str
     amount: Money = Field(ge=0)
     api_id: str | None = Field(None, description="The API of the call, if any.")
+
+
+@event("transfer.reserved", LEDGER, "debit_account")
+class TransferReserved(TransferMoved):
+    pass
 
 
 @event("transfer.posted", LEDGER, "debit_account")
-class TransferPosted(EventData):
-    transfer_id: str
+class TransferPosted(TransferMoved):
     pending_id: str
-    request_id: str
-    debit_account: str
-    credit_account: str
-    amount: Money = Field(ge=0)
-    api_id: str | None = Field(None, description="The API of the call, if any.")
 
 
 @event("transfer.voided", LEDGER, "debit_account")
-class TransferVoided(EventData):
-    transfer_id: str
+class TransferVoided(TransferMoved):
     pending_id: str
-    request_id: str
-    debit_account: str
-    credit_account: str
-    amount: Money = Field(ge=0)
-    api_id: str | None = Field(None, description="The API of the call, if any.")
 
 
 @event("balance.low", LEDGER)

@@ -12,14 +12,14 @@ from postback_libs.consumer import Handlers
 from postback_libs.runtime import Service
 from postback_libs.settings import Settings
 from postback_projection import calls, deliveries, ledger
-from postback_projection.calls import _hold_swap_lock
+from postback_projection.calls import hold_swap_lock
 
 
 def handler_sets() -> list[Handlers]:
     """Every consumer group of the projection; a rebuild replays the same ones."""
     sets = [calls.handlers(), ledger.handlers(), deliveries.handlers()]
     for handlers in sets:
-        handlers.before_batch = _hold_swap_lock
+        handlers.before_batch = hold_swap_lock
     return sets
 
 

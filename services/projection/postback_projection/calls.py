@@ -34,7 +34,7 @@ VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING
 SWAP_LOCK = 7_310_551_020
 
 
-async def _hold_swap_lock(uow: UnitOfWork) -> None:
+async def hold_swap_lock(uow: UnitOfWork) -> None:
     await uow.conn.execute("SELECT pg_advisory_xact_lock_shared($1)", SWAP_LOCK)
 
 
@@ -78,6 +78,6 @@ async def _write(uow: UnitOfWork) -> None:
 
 
 def handlers() -> Handlers:
-    calls = Handlers("projection", CALLS.name, before_batch=_hold_swap_lock, after_batch=_write)
+    calls = Handlers("projection", CALLS.name, after_batch=_write)
     calls.on(*[m for t, m in EVENT_TYPES.items() if t in STAGES])(_gather)
     return calls

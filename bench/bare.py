@@ -1,6 +1,6 @@
 """The bare endpoint: the limit of the HTTP server stack the services run on. A FastAPI app with
 one trivial `POST /v1/calls` that reads the body and answers 202, served by uvicorn exactly as a
-service serves (`postback run` calls `asyncio.run` on `uvicorn.Server.serve` with the same
+service serves (`postback run` runs `uvicorn.Server.serve` on the same event loop with the same
 config), in a process of its own.
 
     python -m bench.bare --port 8099
@@ -9,11 +9,12 @@ config), in a process of its own.
 from __future__ import annotations
 
 import argparse
-import asyncio
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+
+from postback_libs.runtime import run_event_loop
 
 app = FastAPI(title="bare")
 
@@ -36,7 +37,7 @@ def main() -> None:
     config = uvicorn.Config(
         app, host="127.0.0.1", port=args.port, log_config=None, access_log=False
     )
-    asyncio.run(uvicorn.Server(config).serve())
+    run_event_loop(uvicorn.Server(config).serve())
 
 
 if __name__ == "__main__":

@@ -57,12 +57,14 @@ def run(service: Annotated[str, typer.Argument(help=" | ".join(SERVICES))]) -> N
     if service not in SERVICES:
         typer.echo(f"unknown service {service!r}; choose one of: {', '.join(SERVICES)}", err=True)
         raise typer.Exit(2)
+    from postback_libs.runtime import run_event_loop
+
     module = importlib.import_module(f"postback_{service.replace('-', '_')}.app")
 
     async def serve() -> None:
         await module.build(get_settings()).serve()
 
-    asyncio.run(serve())
+    run_event_loop(serve())
 
 
 @app.command()

@@ -24,11 +24,26 @@ from postback_libs.http import ReadinessCheck, install_health_routes, install_pr
 from postback_libs.logging import configure_logging, get_logger
 from postback_libs.outbox import OutboxRelay, new_producer, unit_of_work
 from postback_libs.settings import ServiceName, Settings
-from postback_libs.telemetry import configure_tracing
+from postback_libs.telemetry import TraceRequests, configure_tracing
 
 log = get_logger(__name__)
 
 Worker = Callable[[], Coroutine[Any, Any, None]]
+# How long one poll of a consumer waits for buffered records. The broker long-poll
+# (`kafka_fetch_max_wait_ms`) runs in the background; FastStream's batch loop sleeps this long
+# again after an empty poll, so it is kept short: every millisecond here is on every hop.
+POLL_MS = 5
+
+
+def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run a service's main coroutine on uvloop where it is installed (the asyncio loop's
+    socket and timer handling is a large share of a service's CPU), else on asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
 
 
 class _Server(uvicorn.Server):
@@ -44,6 +59,7 @@ class Service:
         self.schema = schema_for(name)
         self.app = FastAPI(title=f"Postback {name}", version="0.1.0")
         install_problem_handlers(self.app)
+        self.app.add_middleware(TraceRequests)
         self.pool: Any = None
         self.producer: AIOKafkaProducer | None = None
         self.brokers: list[KafkaBroker] = []
@@ -142,7 +158,7 @@ class Service:
             session_timeout_ms=s.kafka_session_timeout_ms,
             heartbeat_interval_ms=max(100, s.kafka_session_timeout_ms // 4),
             fetch_max_wait_ms=s.kafka_fetch_max_wait_ms,
-            batch_timeout_ms=s.kafka_fetch_max_wait_ms,
+            batch_timeout_ms=POLL_MS,
         )
         async def consume(message: KafkaMessage) -> None:
             await applier.apply(message.raw_message)

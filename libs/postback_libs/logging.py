@@ -7,14 +7,15 @@ import sys
 from typing import Any
 
 import structlog
-from opentelemetry import trace
+
+from postback_libs.telemetry import current_trace_ids
 
 
 def _add_trace_ids(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
-    ctx = trace.get_current_span().get_span_context()
-    if ctx.is_valid:
-        event_dict.setdefault("trace_id", format(ctx.trace_id, "032x"))
-        event_dict.setdefault("span_id", format(ctx.span_id, "016x"))
+    ids = current_trace_ids()
+    if ids is not None:
+        event_dict.setdefault("trace_id", ids[0])
+        event_dict.setdefault("span_id", ids[1])
     return event_dict
 
 

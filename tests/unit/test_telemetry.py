@@ -5,8 +5,14 @@ from __future__ import annotations
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from opentelemetry.trace import SpanKind
 
-from postback_libs.telemetry import TraceRequests, current_traceparent
+from postback_libs.telemetry import (
+    TraceRequests,
+    current_trace_ids,
+    current_traceparent,
+    span_from,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -32,8 +38,17 @@ def test_a_request_continues_the_callers_trace() -> None:
     assert traceparent.split("-")[1] == TRACE_ID
 
 
-def test_the_trace_ends_with_its_request() -> None:
+def test_a_request_without_a_trace_starts_its_own() -> None:
     with TestClient(_app()) as client:
         client.get("/emit", headers={"traceparent": f"00-{TRACE_ID}-00f067aa0ba902b7-01"})
         later = client.get("/emit").json()["traceparent"]
-    assert later is None or TRACE_ID not in later
+    version, trace_id, span_id, _flags = later.split("-")
+    assert (version, len(trace_id), len(span_id)) == ("00", 32, 16)
+    assert trace_id != TRACE_ID  # the first request's trace ended with it
+
+
+def test_log_lines_carry_the_trace_of_the_work_in_progress() -> None:
+    assert current_trace_ids() is None
+    with span_from(f"00-{TRACE_ID}-00f067aa0ba902b7-01", "work", SpanKind.CONSUMER):
+        assert current_trace_ids() == (TRACE_ID, "00f067aa0ba902b7")
+    assert current_trace_ids() is None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,10 +48,13 @@ class Handlers:
         before_batch: BatchHook | None = None,
         after_batch: BatchHook | None = None,
         after_commit: Callable[[], None] | None = None,
+        typed: bool = True,
     ) -> None:
         """`before_batch` runs first in each batch's transaction (a lock, say); `after_batch`
-        runs last, before the commit (writing rows the handlers gathered in `uow.scratch`)."""
-        self.group, self.topic = group, topic
+        runs last, before the commit (writing rows the handlers gathered in `uow.scratch`).
+        `typed=False`: the handlers read the envelope only and get None for the payload (a read
+        model that keeps events as they came need not validate each one's data twice)."""
+        self.group, self.topic, self.typed = group, topic, typed
         self.by_type: dict[str, Handler] = {}
         self.before_batch, self.after_batch = before_batch, after_batch
         # For work that must see the batch's rows: a wake-up sent before the commit is missed.
@@ -69,13 +73,13 @@ class Handlers:
 class Decoded:
     record: ConsumerRecord[bytes, bytes]
     event: CloudEvent
-    payload: EventData
+    payload: EventData | None
 
 
-def _header(record: ConsumerRecord[bytes, bytes], name: str) -> str | None:
+def _header(record: ConsumerRecord[bytes, bytes], name: str) -> bytes | None:
     for k, v in record.headers or ():
         if k == name:
-            return bytes(v).decode()
+            return bytes(v)
     return None
 
 
@@ -92,6 +96,7 @@ class BatchApplier:
         self.handlers, self.pool, self.settings = handlers, pool, settings
         self.source, self.producer, self.on_commit = source, producer, on_commit
         self.group = handlers.group
+        self._wanted = {t.encode() for t in handlers.by_type}
         self.stopping = False
         self.events_behind = 0
         self.seconds_behind = 0.0
@@ -99,19 +104,23 @@ class BatchApplier:
 
     async def apply(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
         decoded: list[Decoded] = []
+        ignored: Counter[str] = Counter()  # counted per batch: most records are someone else's
         for record in records:
             ce_type = _header(record, "ce_type")
-            if ce_type is not None and ce_type not in self.handlers.by_type:
-                EVENTS_CONSUMED.labels(self.group, ce_type, "ignored").inc()
+            if ce_type is not None and ce_type not in self._wanted:
+                ignored[ce_type.decode(errors="replace")] += 1
                 continue
             try:
                 event = CloudEvent.from_bytes(record.value or b"")
                 if event.type not in self.handlers.by_type:
-                    EVENTS_CONSUMED.labels(self.group, event.type, "ignored").inc()
+                    ignored[event.type] += 1
                     continue
-                decoded.append(Decoded(record, event, event.payload()))
+                payload = event.payload() if self.handlers.typed else None
+                decoded.append(Decoded(record, event, payload))
             except (ValidationError, ValueError, KeyError) as e:
                 await self.dead_letter(record, f"undecodable event: {e}", attempts=1)
+        for type_, n in ignored.items():
+            EVENTS_CONSUMED.labels(self.group, type_, "ignored").inc(n)
         if not decoded:
             return
         started = time.perf_counter()
@@ -221,5 +230,6 @@ class BatchApplier:
             key=key.encode(),
             headers=[("ce_type", event.type.encode())],
         )
-        EVENTS_CONSUMED.labels(self.group, _header(record, "ce_type") or "?", "dead_lettered").inc()
+        ce_type = (_header(record, "ce_type") or b"?").decode(errors="replace")
+        EVENTS_CONSUMED.labels(self.group, ce_type, "dead_lettered").inc()
         log.error("event dead-lettered", group=self.group, offset=record.offset, error=error)

@@ -46,6 +46,12 @@ def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
         uvloop.run(main)
 
 
+async def _undecoded(message: Any) -> None:
+    """The applier decodes the records it handles; FastStream's default decoder would turn every
+    record of the batch into a message and parse its JSON first, whatever its type."""
+    return None
+
+
 class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -159,6 +165,7 @@ class Service:
             heartbeat_interval_ms=max(100, s.kafka_session_timeout_ms // 4),
             fetch_max_wait_ms=s.kafka_fetch_max_wait_ms,
             batch_timeout_ms=POLL_MS,
+            decoder=_undecoded,
         )
         async def consume(message: KafkaMessage) -> None:
             await applier.apply(message.raw_message)

@@ -8,7 +8,7 @@ machinery costs more per event than applying the event does."""
 
 from __future__ import annotations
 
-import secrets
+import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -60,11 +60,16 @@ def current_trace_ids() -> tuple[str, str] | None:
     return format(ctx.trace_id, "032x"), format(ctx.span_id, "016x")
 
 
+def _new_traceparent() -> str:
+    # Trace ids need to be unique, not secret: the SDK draws them from `random` too.
+    return f"00-{random.getrandbits(128):032x}-{random.getrandbits(64):016x}-00"
+
+
 @contextmanager
 def span_from(traceparent: str | None, name: str, kind: SpanKind) -> Iterator[None]:
     """Work that continues the trace of `traceparent` (or starts one)."""
     if not _recording:
-        token = _carried.set(traceparent or f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-00")
+        token = _carried.set(traceparent or _new_traceparent())
         try:
             yield
         finally:

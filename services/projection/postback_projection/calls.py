@@ -6,8 +6,9 @@ row, so order of arrival never matters."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
+
+from pydantic_core import to_json
 
 from postback_libs.consumer import Handlers
 from postback_libs.events import CALLS, EVENT_TYPES, CloudEvent
@@ -38,6 +39,10 @@ async def hold_swap_lock(uow: UnitOfWork) -> None:
     await uow.conn.execute("SELECT pg_advisory_xact_lock_shared($1)", SWAP_LOCK)
 
 
+def _json(value: Any) -> str:
+    return to_json(value).decode()
+
+
 async def _gather(event: CloudEvent, _: object, uow: UnitOfWork) -> None:
     uow.scratch.setdefault("calls", []).append((event, *uow.position))
 
@@ -49,7 +54,7 @@ async def _write(uow: UnitOfWork) -> None:
     await uow.conn.executemany(
         INSERT_EVENT,
         [
-            (e.id, e.subject, e.type, e.time, e.source, json.dumps(e.data), partition, offset)
+            (e.id, e.subject, e.type, e.time, e.source, _json(e.data), partition, offset)
             for e, partition, offset in gathered
         ],
     )
@@ -68,7 +73,7 @@ async def _write(uow: UnitOfWork) -> None:
                 stage,
                 updated_at,
                 *[
-                    json.dumps(fields[c]) if c in JSON_COLUMNS and c in fields else fields.get(c)
+                    _json(fields[c]) if c in JSON_COLUMNS and c in fields else fields.get(c)
                     for c in COLUMNS
                 ],
             )
@@ -78,6 +83,6 @@ async def _write(uow: UnitOfWork) -> None:
 
 
 def handlers() -> Handlers:
-    calls = Handlers("projection", CALLS.name, after_batch=_write)
+    calls = Handlers("projection", CALLS.name, after_batch=_write, typed=False)
     calls.on(*[m for t, m in EVENT_TYPES.items() if t in STAGES])(_gather)
     return calls

@@ -46,10 +46,11 @@ def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
         uvloop.run(main)
 
 
-async def _undecoded(message: Any) -> None:
-    """The applier decodes the records it handles; FastStream's default decoder would turn every
-    record of the batch into a message and parse its JSON first, whatever its type."""
-    return None
+async def _batch_itself(message: KafkaMessage) -> KafkaMessage:
+    """The handler gets the batch as it came: the applier decodes the records it handles.
+    FastStream's default decoder would JSON-parse every record of the batch first, whatever its
+    type, and its dependency injection resolves the message in a worker thread per batch."""
+    return message
 
 
 class _Server(uvicorn.Server):
@@ -148,7 +149,10 @@ class Service:
         self.appliers.append(applier)
         s = self.settings
         broker = KafkaBroker(
-            s.kafka_bootstrap, client_id=f"postback-{self.name}", log_level=logging.DEBUG
+            s.kafka_bootstrap,
+            client_id=f"postback-{self.name}",
+            log_level=logging.DEBUG,
+            apply_types=False,
         )
         self.brokers.append(broker)
 
@@ -165,7 +169,7 @@ class Service:
             heartbeat_interval_ms=max(100, s.kafka_session_timeout_ms // 4),
             fetch_max_wait_ms=s.kafka_fetch_max_wait_ms,
             batch_timeout_ms=POLL_MS,
-            decoder=_undecoded,
+            decoder=_batch_itself,
         )
         async def consume(message: KafkaMessage) -> None:
             await applier.apply(message.raw_message)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import signal
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
@@ -14,9 +13,6 @@ from typing import Any
 import uvicorn
 from aiokafka import AIOKafkaProducer
 from fastapi import FastAPI
-from faststream import AckPolicy
-from faststream.kafka import KafkaBroker
-from faststream.kafka.annotations import KafkaMessage
 
 from postback_libs.consumer import BatchApplier, Handlers
 from postback_libs.db import create_pool, migrate, schema_for
@@ -24,15 +20,12 @@ from postback_libs.http import ReadinessCheck, install_health_routes, install_pr
 from postback_libs.logging import configure_logging, get_logger
 from postback_libs.outbox import OutboxRelay, new_producer, unit_of_work
 from postback_libs.settings import ServiceName, Settings
+from postback_libs.subscription import Subscription
 from postback_libs.telemetry import TraceRequests, configure_tracing
 
 log = get_logger(__name__)
 
 Worker = Callable[[], Coroutine[Any, Any, None]]
-# How long one poll of a consumer waits for buffered records. The broker long-poll
-# (`kafka_fetch_max_wait_ms`) runs in the background; FastStream's batch loop sleeps this long
-# again after an empty poll, so it is kept short: every millisecond here is on every hop.
-POLL_MS = 5
 
 
 def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
@@ -44,13 +37,6 @@ def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
         asyncio.run(main)
     else:
         uvloop.run(main)
-
-
-async def _batch_itself(message: KafkaMessage) -> KafkaMessage:
-    """The handler gets the batch as it came: the applier decodes the records it handles.
-    FastStream's default decoder would JSON-parse every record of the batch first, whatever its
-    type, and its dependency injection resolves the message in a worker thread per batch."""
-    return message
 
 
 class _Server(uvicorn.Server):
@@ -69,7 +55,7 @@ class Service:
         self.app.add_middleware(TraceRequests)
         self.pool: Any = None
         self.producer: AIOKafkaProducer | None = None
-        self.brokers: list[KafkaBroker] = []
+        self.subscriptions: list[Subscription] = []
         self.relay: OutboxRelay | None = None
         self.appliers: list[BatchApplier] = []
         self._handlers: list[Handlers] = []
@@ -135,7 +121,7 @@ class Service:
         for handlers in self._handlers:
             self._subscribe(handlers)
         # Groups join in parallel: each join waits on the broker's rebalance delay.
-        await asyncio.gather(*(broker.start() for broker in self.brokers))
+        await asyncio.gather(*(sub.start() for sub in self.subscriptions))
         for fn in self._workers:
             self._tasks.append(asyncio.create_task(fn(), name=fn.__name__))
         self._started = True
@@ -147,33 +133,7 @@ class Service:
         assert producer is not None
         applier = BatchApplier(handlers, self.pool, self.settings, self.name, producer, relay.wake)
         self.appliers.append(applier)
-        s = self.settings
-        broker = KafkaBroker(
-            s.kafka_bootstrap,
-            client_id=f"postback-{self.name}",
-            log_level=logging.DEBUG,
-            apply_types=False,
-        )
-        self.brokers.append(broker)
-
-        # NACK on error: an exception means the batch's effects did not commit, so the offset
-        # must not move; the batch is fetched again.
-        @broker.subscriber(
-            s.topic(handlers.topic),
-            group_id=f"{s.topic_prefix}postback-{handlers.group}",
-            batch=True,
-            ack_policy=AckPolicy.NACK_ON_ERROR,
-            auto_offset_reset="earliest",
-            max_records=s.consumer_max_records,
-            session_timeout_ms=s.kafka_session_timeout_ms,
-            heartbeat_interval_ms=max(100, s.kafka_session_timeout_ms // 4),
-            fetch_max_wait_ms=s.kafka_fetch_max_wait_ms,
-            batch_timeout_ms=POLL_MS,
-            decoder=_batch_itself,
-        )
-        async def consume(message: KafkaMessage) -> None:
-            await applier.apply(message.raw_message)
-            applier.note_lag(message.raw_message, message.consumer)
+        self.subscriptions.append(Subscription(applier, self.settings, f"postback-{self.name}"))
 
     async def stop(self) -> None:
         if not self._started:
@@ -182,8 +142,8 @@ class Service:
         self._stopping.set()
         for applier in self.appliers:
             applier.stopping = True
-        # The offsets of finished batches are committed as each group leaves.
-        await asyncio.gather(*(broker.stop() for broker in self.brokers))
+        # Each group finishes the batch in hand and commits it before it leaves.
+        await asyncio.gather(*(sub.stop() for sub in self.subscriptions))
         for fn in self._on_stop:
             await fn()
         workers = [t for t in self._tasks if t.get_name() != "outbox-relay"]

@@ -1,0 +1,100 @@
+"""One consumer group's loop: fetch a batch, apply it, commit its offsets, fetch the next.
+
+Offsets are committed only after the batch's effects are (the applier's transaction has
+committed), so a crash or a rebalance redelivers a batch rather than losing it, and the
+applier's inbox recognises what was already applied. The loop runs on aiokafka directly: a
+fetch returns as soon as records arrive, and waits on the broker, not on a timer, while the
+topic is quiet."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import ConsumerStoppedError, KafkaError
+
+from postback_libs.consumer import BatchApplier
+from postback_libs.logging import get_logger
+from postback_libs.settings import Settings
+
+log = get_logger(__name__)
+# How long one fetch waits for records; only bounds how soon a quiet loop notices a stop.
+IDLE_FETCH_MS = 1000
+Fetched = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
+
+
+class Subscription:
+    def __init__(self, applier: BatchApplier, settings: Settings, client_id: str) -> None:
+        self.applier = applier
+        self.max_records = settings.consumer_max_records
+        self.consumer = AIOKafkaConsumer(
+            settings.topic(applier.handlers.topic),
+            bootstrap_servers=settings.kafka_bootstrap,
+            client_id=client_id,
+            group_id=f"{settings.topic_prefix}postback-{applier.group}",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=settings.kafka_session_timeout_ms,
+            heartbeat_interval_ms=max(100, settings.kafka_session_timeout_ms // 4),
+            fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
+            max_poll_records=settings.consumer_max_records,
+        )
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._applying = False
+
+    async def start(self) -> None:
+        """Join the group; batches flow once this returns."""
+        await self.consumer.start()
+        self._task = asyncio.create_task(self._run(), name=f"consume {self.applier.group}")
+
+    async def stop(self) -> None:
+        """Finish the batch in hand (its offsets committed), then leave the group."""
+        self._stopping = True
+        if self._task is not None:
+            if not self._applying:
+                self._task.cancel()  # waiting for records: nothing in hand
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.consumer.stop()
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            try:
+                fetched = await self.consumer.getmany(
+                    timeout_ms=IDLE_FETCH_MS, max_records=self.max_records
+                )
+            except ConsumerStoppedError:
+                return
+            except KafkaError as e:
+                log.warning("fetch failed", group=self.applier.group, error=repr(e))
+                await asyncio.sleep(1)
+                continue
+            if fetched:
+                self._applying = True
+                try:
+                    await self._apply(fetched)
+                finally:
+                    self._applying = False
+
+    async def _apply(
+        self, fetched: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
+    ) -> None:
+        records = [r for batch in fetched.values() for r in batch]
+        try:
+            await self.applier.apply(records)
+        except Exception as e:
+            # Not applied (the database went away while stopping, say): fetch it again.
+            log.warning("batch not applied", group=self.applier.group, error=repr(e))
+            for tp, batch in fetched.items():
+                self.consumer.seek(tp, batch[0].offset)
+            await asyncio.sleep(0.5)
+            return
+        try:
+            await self.consumer.commit({tp: batch[-1].offset + 1 for tp, batch in fetched.items()})
+        except KafkaError as e:
+            # A rebalance took the partitions: their new owner gets the batch again, and the
+            # inbox knows it was applied.
+            log.warning("offsets not committed", group=self.applier.group, error=repr(e))
+        self.applier.note_lag(records, self.consumer)

@@ -5,23 +5,15 @@ attempt as an event."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from typing import Any
-
 import aiohttp
-import asyncpg
 
 from postback_delivery import handlers
 from postback_delivery.dispatch import USER_AGENT, Dispatcher, Sender
 from postback_delivery.recorder import Recorder
 from postback_delivery.store import Queue
-from postback_libs.logging import get_logger
 from postback_libs.outbound import AddressPolicy, guarded_session
 from postback_libs.runtime import Service
 from postback_libs.settings import Settings
-
-log = get_logger(__name__)
 
 
 def build(settings: Settings) -> Service:
@@ -47,29 +39,8 @@ def build(settings: Settings) -> Service:
         )
         dispatcher.queue.pool = service.pool
 
-    async def listen() -> None:
-        """Wake the dispatcher when any replica queues a message (NOTIFY at commit)."""
-        while not service.stopping:
-            conn: Any = None
-            try:
-                conn = await asyncpg.connect(settings.database_url)
-                lost = asyncio.Event()
-                conn.add_termination_listener(lambda *_, lost=lost: lost.set())
-                await conn.add_listener("deliveries", lambda *_: dispatcher.wake.set())
-                while not service.stopping and not lost.is_set():
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(lost.wait(), 0.5)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
-                log.warning("delivery listener lost its connection", error=repr(e))
-                await asyncio.sleep(1.0)
-            finally:
-                if conn is not None and not conn.is_closed():
-                    with contextlib.suppress(Exception):
-                        await conn.close()
-
     service.worker(recorder.run)
     service.worker(dispatcher.run)
-    service.worker(listen)
 
     @service.on_stop
     async def drain() -> None:
@@ -77,6 +48,9 @@ def build(settings: Settings) -> Service:
         recorder.stop()
         await http["session"].close()
 
-    for h in (handlers.calls(), handlers.ledger(), handlers.endpoints(), handlers.commands()):
-        service.consume(h)
+    # What a batch queues is claimed by this process as soon as the batch commits; other
+    # replicas find it on their next idle poll.
+    wake = dispatcher.wake.set
+    for make in (handlers.calls, handlers.ledger, handlers.endpoints, handlers.commands):
+        service.consume(make(wake))
     return service

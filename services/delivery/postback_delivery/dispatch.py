@@ -136,6 +136,8 @@ class Dispatcher:
         ]
         last_reap = 0.0
         while not self._stopping:
+            # Cleared before the claim: a wake-up while it runs (a commit it did not see) is kept.
+            self.wake.clear()
             try:
                 if time.monotonic() - last_reap > 1.0:
                     last_reap = time.monotonic()
@@ -157,7 +159,6 @@ class Dispatcher:
                 self._ready.put_nowait(c)
             if claimed:
                 continue
-            self.wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), self.idle_poll_seconds)
 

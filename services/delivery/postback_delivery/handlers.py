@@ -7,14 +7,18 @@
 * `postback.webhooks`: the endpoints view (state, enabled, deleted);
 * `postback.deliveries`: resend and recover requests from ingress.
 
-Every handler runs in its consumer group's transaction, with the inbox and the outbox."""
+Every handler runs in its consumer group's transaction, with the inbox and the outbox. A batch
+that may have queued messages wakes this process's dispatcher once it has committed; other
+replicas find the rows on their next short poll (no NOTIFY: its commit-time lock would
+serialise every commit in the database)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from postback_delivery import domain, store
-from postback_delivery.outcomes import CallBatch
+from postback_delivery.outcomes import CallBatch, apply_call_batch
 from postback_delivery.subscriptions import Message, destinations, enqueue, record_state
 from postback_libs.consumer import Handlers
 from postback_libs.events import (
@@ -50,8 +54,11 @@ def message_id(cause: str, purpose: str = "webhook") -> str:
     return f"msg_{derived_id(cause, purpose).hex}"
 
 
-def calls() -> Handlers:
-    h = Handlers("delivery", CALLS.name)
+Wake = Callable[[], None]
+
+
+def calls(wake: Wake) -> Handlers:
+    h = Handlers("delivery", CALLS.name, after_batch=apply_call_batch, after_commit=wake)
 
     @h.on(
         CallRequested,
@@ -69,8 +76,8 @@ def calls() -> Handlers:
     return h
 
 
-def ledger() -> Handlers:
-    h = Handlers("delivery-ledger", LEDGER.name)
+def ledger(wake: Wake) -> Handlers:
+    h = Handlers("delivery-ledger", LEDGER.name, after_commit=wake)
 
     @h.on(BalanceLow)
     async def announce_low_balance(event: CloudEvent, low: BalanceLow, uow: UnitOfWork) -> None:
@@ -85,8 +92,8 @@ def ledger() -> Handlers:
     return h
 
 
-def endpoints() -> Handlers:
-    h = Handlers("delivery-endpoints", WEBHOOKS.name)
+def endpoints(wake: Wake) -> Handlers:
+    h = Handlers("delivery-endpoints", WEBHOOKS.name, after_commit=wake)
 
     @h.on(EndpointCreated, EndpointUpdated, EndpointSecretRotated, EndpointDeleted)
     async def follow_endpoint(event: CloudEvent, change: Any, uow: UnitOfWork) -> None:
@@ -101,7 +108,6 @@ def endpoints() -> Handlers:
                 " AND status = 'pending' AND NOT held AND next_attempt_at > now()",
                 change.endpoint.endpoint_id,
             )
-            await uow.conn.execute("SELECT pg_notify('deliveries', '')")
 
     return h
 
@@ -122,8 +128,8 @@ RECOVER = REQUEUE.format(
 )
 
 
-def commands() -> Handlers:
-    h = Handlers("delivery-commands", DELIVERIES.name)
+def commands(wake: Wake) -> Handlers:
+    h = Handlers("delivery-commands", DELIVERIES.name, after_commit=wake)
 
     async def requeued(uow: UnitOfWork, rows: list[Any], reason: Any, cause: str) -> None:
         for r in rows:
@@ -131,8 +137,6 @@ def commands() -> Handlers:
                 DeliveryScheduled(**dict(r), reason=reason),
                 cause=str(derived_id(cause, r["delivery_id"])),
             )
-        if rows:
-            await uow.conn.execute("SELECT pg_notify('deliveries', '')")
 
     @h.on(DeliveryResendRequested)
     async def resend(event: CloudEvent, req: DeliveryResendRequested, uow: UnitOfWork) -> None:

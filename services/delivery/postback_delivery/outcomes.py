@@ -5,9 +5,9 @@ Delivery remembers each call (`call.requested`: consumer, API, webhook_url), its
 `rejected`), queues the outcome for the webhook_url and every subscribed endpoint. Done event
 by event that is four or five statements per call, and the round trips were most of the
 delivery process's time (profiled under `bench/delivery.py`). Instead the handlers only collect
-the batch's events, and `apply` runs once, just before the batch's transaction writes its
-outbox and commits: a handful of set-based statements for the whole batch, in the same
-transaction as the inbox, so the effects still happen exactly once.
+the batch's events, and `apply` runs once, as the consumer's after-batch hook, just before the
+batch's transaction writes its outbox and commits: a handful of set-based statements for the
+whole batch, in the same transaction as the inbox, so the effects still happen exactly once.
 """
 
 from __future__ import annotations
@@ -143,19 +143,11 @@ class CallBatch:
 
     @classmethod
     def of(cls, uow: UnitOfWork) -> CallBatch:
-        """The batch collecting for `uow`, made on the first event: it runs `apply` when the
-        consumer flushes the unit of work, inside its transaction, before the outbox."""
-        batch: CallBatch | None = getattr(uow, "_call_batch", None)
+        """The batch collecting for `uow`, made on the first event; `apply_call_batch` (the
+        consumer's after-batch hook) applies it inside the transaction, before the outbox."""
+        batch: CallBatch | None = uow.scratch.get("calls")
         if batch is None:
-            batch = cls(uow)
-            original = uow.flush
-
-            async def flush() -> None:
-                await batch.apply()
-                await original()
-
-            uow._call_batch = batch  # type: ignore[attr-defined]
-            setattr(uow, "flush", flush)  # noqa: B010 -- an instance attribute, this uow only
+            batch = uow.scratch["calls"] = cls(uow)
         return batch
 
     async def apply(self) -> None:
@@ -226,7 +218,7 @@ class CallBatch:
         if not rows:
             return
         inserted = await conn.fetch(
-            ENQUEUE_MANY_AND_WAKE,
+            ENQUEUE_MANY,
             [r[0] for r in rows],
             [r[1].message_id for r in rows],
             [r[1].request_id for r in rows],
@@ -253,17 +245,20 @@ class CallBatch:
                 )
 
 
-# Every message of the batch at once: per-row message fields, unlike ENQUEUE_AND_WAKE.
-ENQUEUE_MANY_AND_WAKE = """
-WITH queued AS (
-    INSERT INTO deliveries (delivery_id, message_id, request_id, account_id, event_type, body,
-                            endpoint_id, url, status, next_attempt_at)
-    SELECT u.*, 'pending', now()
-    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bytea[],
-                $7::text[], $8::text[])
-        AS u(id, message_id, request_id, account_id, event_type, body, endpoint_id, url)
-    ON CONFLICT DO NOTHING
-    RETURNING delivery_id
-)
-SELECT queued.delivery_id, pg_notify('deliveries', '') FROM queued
+# Every message of the batch at once: per-row message fields, unlike ENQUEUE.
+ENQUEUE_MANY = """
+INSERT INTO deliveries (delivery_id, message_id, request_id, account_id, event_type, body,
+                        endpoint_id, url, status, next_attempt_at)
+SELECT u.*, 'pending', now()
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bytea[],
+            $7::text[], $8::text[])
+    AS u(id, message_id, request_id, account_id, event_type, body, endpoint_id, url)
+ON CONFLICT DO NOTHING
+RETURNING delivery_id
 """
+
+
+async def apply_call_batch(uow: UnitOfWork) -> None:
+    batch: CallBatch | None = uow.scratch.get("calls")
+    if batch is not None:
+        await batch.apply()

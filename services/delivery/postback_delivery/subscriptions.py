@@ -180,23 +180,17 @@ FROM unnest($1::text[], $7::text[], $8::text[]) AS u(id, endpoint_id, url)
 ON CONFLICT DO NOTHING
 RETURNING delivery_id, endpoint_id, url
 """
-# One round trip: the rows, and NOTIFY (sent at commit, once however many rows) to wake every
-# replica's dispatcher.
-ENQUEUE_AND_WAKE = f"""
-WITH queued AS ({ENQUEUE})
-SELECT queued.*, pg_notify('deliveries', '') FROM queued
-"""
 
 
 async def enqueue(
     uow: UnitOfWork, message: Message, to: list[Destination], cause: str | None = None
 ) -> int:
     """Queue `message` for each destination (once each, however often this runs) and announce
-    every delivery made; wakes every replica's dispatcher when the transaction commits."""
+    every delivery made. The caller wakes the dispatcher once the transaction has committed."""
     if not to:
         return 0
     rows = await uow.conn.fetch(
-        ENQUEUE_AND_WAKE,
+        ENQUEUE,
         [delivery_id(message.message_id, d) for d in to],
         message.message_id,
         message.request_id,

@@ -262,3 +262,32 @@ def test_judge(status, verdict):
 def test_only_2xx_succeeds(status):
     assert (judge(status) == "succeeded") == (200 <= status < 300)
     assert (judge(status) == "gone") == (status == 410)
+
+
+def test_a_claim_that_waited_too_long_is_not_sent() -> None:
+    """An attempt must end before its claim's lease does: else the row is due again elsewhere
+    and the message could go out twice at once."""
+    import dataclasses
+    import time as _time
+
+    from postback_delivery.store import Claimed, Queue
+    from postback_libs.settings import Settings
+
+    queue = Queue(None, Settings(delivery_timeout_seconds=15))
+    fresh = Claimed(
+        delivery_id="d",
+        message_id="m",
+        request_id=None,
+        account_id="a",
+        endpoint_id=None,
+        url="http://127.0.0.1/",
+        event_type="call.completed",
+        body=b"{}",
+        attempts=1,
+        retry_base=0,
+        created_at=datetime.now(UTC),
+        claimed_at=_time.monotonic(),
+    )
+    assert queue.can_start(fresh)
+    waited = dataclasses.replace(fresh, claimed_at=fresh.claimed_at - (queue.lease - 15))
+    assert not queue.can_start(waited)  # waited the lease's whole headroom

@@ -121,6 +121,11 @@ class Dispatcher:
     async def _work(self) -> None:
         while True:
             claimed = await self._ready.get()
+            if not self.queue.can_start(claimed):
+                with contextlib.suppress(Exception):  # else its lease brings it back
+                    await self.queue.release([claimed])
+                self._settled()
+                continue
             try:
                 outcome = await self.attempt(claimed)
             except Exception as e:  # a bug, not the endpoint: its lease brings it back
@@ -172,7 +177,7 @@ class Dispatcher:
             unstarted.append(self._ready.get_nowait())
         if unstarted:
             with contextlib.suppress(Exception):
-                await self.queue.release([c.delivery_id for c in unstarted])
+                await self.queue.release(unstarted)
             self.outstanding -= len(unstarted)
         deadline = time.monotonic() + timeout
         while self.outstanding > 0 and time.monotonic() < deadline:

@@ -8,6 +8,7 @@ cap, FIFO order and circuit breaker hold across replicas."""
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -59,11 +60,14 @@ UPDATE deliveries SET status = 'pending', next_attempt_at = now(), lease_until =
 WHERE delivery_id IN (SELECT delivery_id FROM deliveries
     WHERE status = 'delivering' AND lease_until < now() LIMIT 1000 FOR UPDATE SKIP LOCKED)
 """
+# Only the claim this replica holds: once its lease ran out the row may be someone else's.
 RELEASE_UNSTARTED = """
-UPDATE deliveries SET status = 'pending', attempts = attempts - 1, lease_until = NULL,
+UPDATE deliveries d SET status = 'pending', attempts = d.attempts - 1, lease_until = NULL,
     next_attempt_at = now()
-WHERE delivery_id = ANY($1::text[]) AND status = 'delivering'
+FROM unnest($1::text[], $2::int[]) AS u(id, attempts)
+WHERE d.delivery_id = u.id AND d.status = 'delivering' AND d.attempts = u.attempts
 """
+LEASE_MARGIN_SECONDS = 2.0  # clock and scheduling slack between the lease and an attempt
 BUSY_HOLD_SECONDS = 30.0  # a held message is due anyway after this, should no release come
 OFF_RECHECK_SECONDS = 60.0
 
@@ -84,6 +88,7 @@ class Claimed:
     retry_base: int
     created_at: datetime
     endpoint: EndpointState | None = None
+    claimed_at: float = 0.0  # time.monotonic() of the claim
 
 
 def health_of(row: Any) -> Health:
@@ -144,10 +149,12 @@ class Queue:
             if not admitted:
                 return []
             rows = await conn.fetch(START, admitted, self.lease)
+        claimed_at = time.monotonic()
         return [
             Claimed(
                 **{k: r[k] for k in r.keys()},  # noqa: SIM118 -- a Record, not a dict
                 endpoint=states.get(r["endpoint_id"]) if r["endpoint_id"] else None,
+                claimed_at=claimed_at,
             )
             for r in rows
         ]
@@ -210,10 +217,19 @@ class Queue:
         await save_healths(conn, changed, defer=False)
         return deferred
 
-    async def release(self, delivery_ids: list[str]) -> None:
-        """Hand back claimed rows no attempt was made for (shutting down): due again at once,
-        their attempt not counted."""
-        await self.pool.execute(RELEASE_UNSTARTED, delivery_ids)
+    def can_start(self, claimed: Claimed) -> bool:
+        """Whether an attempt started now ends (times out at worst) before the claim's lease
+        runs out. A claim that waited longer behind slow endpoints must not be sent: its row
+        may be due again and claimed elsewhere, and the message would go out twice at once."""
+        waited = time.monotonic() - claimed.claimed_at
+        return waited + self.settings.delivery_timeout_seconds + LEASE_MARGIN_SECONDS < self.lease
+
+    async def release(self, claims: list[Claimed]) -> None:
+        """Hand back claimed rows no attempt was made for: due again at once, their attempt
+        not counted."""
+        await self.pool.execute(
+            RELEASE_UNSTARTED, [c.delivery_id for c in claims], [c.attempts for c in claims]
+        )
 
     async def reap(self) -> int:
         result: str = await self.pool.execute(REAP)

@@ -3,8 +3,11 @@ Secrets are compared as hashes, in constant time; a secret is never logged or st
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import Request
@@ -33,7 +36,17 @@ def _unauthorized(detail: str) -> Problem:
     return p
 
 
-async def authenticate(pool: Any, request: Request) -> Caller:
+@dataclass(frozen=True)
+class _StoredKey:
+    """What authenticating one key id needs: the hash of its secret (never the secret) and,
+    for the previous key of a rotation, until when it is still honoured."""
+
+    caller: Caller
+    key_hash: str
+    valid_until: datetime | None  # None: the account's current key
+
+
+def _presented_key(request: Request) -> tuple[str, str]:
     raw = presented_secret(request)
     if not raw:
         raise _unauthorized(
@@ -42,20 +55,85 @@ async def authenticate(pool: Any, request: Request) -> Caller:
     parsed = parse_api_key(raw)
     if parsed is None:
         raise _unauthorized("the secret is not a Postback key (pbk_...)")
-    key_id, secret = parsed
+    return parsed
+
+
+async def _stored_key(pool: Any, key_id: str) -> _StoredKey | None:
     row = await pool.fetchrow(
         "SELECT account_id, roles, status, key_id, key_hash, previous_key_hash,"
-        " previous_valid_until > now() AS previous_valid FROM accounts"
-        " WHERE key_id = $1 OR previous_key_id = $1",
+        " previous_valid_until FROM accounts WHERE key_id = $1 OR previous_key_id = $1",
         key_id,
     )
     if row is None:
+        return None
+    caller = Caller(row["account_id"], tuple(row["roles"]), row["status"])
+    if row["key_id"] == key_id:
+        return _StoredKey(caller, row["key_hash"], None)
+    # A previous key with no end date is not honoured (as `previous_valid_until > now()`).
+    until = row["previous_valid_until"] or datetime.min.replace(tzinfo=UTC)
+    return _StoredKey(caller, row["previous_key_hash"], until)
+
+
+def _verified(stored: _StoredKey | None, secret: str) -> Caller:
+    if stored is None:
         raise _unauthorized("unknown or revoked secret")
-    stored = row["key_hash"] if row["key_id"] == key_id else row["previous_key_hash"]
-    current = row["key_id"] == key_id or bool(row["previous_valid"])
-    if not (secret_matches(secret, stored) and current):
+    current = stored.valid_until is None or datetime.now(UTC) < stored.valid_until
+    if not (secret_matches(secret, stored.key_hash) and current):
         raise _unauthorized("unknown or revoked secret")
-    return Caller(row["account_id"], tuple(row["roles"]), row["status"])
+    return stored.caller
+
+
+async def authenticate(pool: Any, request: Request) -> Caller:
+    """The caller, read from the database: for everything but accepting calls, so a change
+    to an account (a rotation, a suspension) shows in its very next request."""
+    key_id, secret = _presented_key(request)
+    return _verified(await _stored_key(pool, key_id), secret)
+
+
+class KeyCache:
+    """Accounts by key id for the call-accepting hot path, kept `ttl` seconds, so accepting a
+    call does not read the account per request.
+
+    Only what the database holds is cached (the hash of the secret), and every request's
+    secret is still hashed and compared in constant time. The price is staleness: a suspension
+    or a key rotation reaches this cache within `ttl` seconds (in every replica; routing
+    refuses calls of suspended accounts in any case). Unknown keys and accounts that are not
+    active are never cached, so a new account, a new key and a reinstatement count at once.
+    Concurrent misses of one key share one query."""
+
+    def __init__(self, ttl: float = 2.0, max_keys: int = 10_000) -> None:
+        self.ttl, self.max_keys = ttl, max_keys
+        self._keys: dict[str, tuple[float, asyncio.Future[_StoredKey | None]]] = {}
+
+    async def authenticate(self, pool: Any, request: Request) -> Caller:
+        key_id, secret = _presented_key(request)
+        return _verified(await self._stored_key(pool, key_id), secret)
+
+    async def _stored_key(self, pool: Any, key_id: str) -> _StoredKey | None:
+        now = time.monotonic()
+        hit = self._keys.get(key_id)
+        if hit is not None and hit[0] > now:
+            if hit[1].done():
+                return hit[1].result()
+            return await asyncio.shield(hit[1])
+        if len(self._keys) >= self.max_keys:
+            del self._keys[next(iter(self._keys))]  # the oldest
+        lookup = asyncio.ensure_future(_stored_key(pool, key_id))
+        self._keys.pop(key_id, None)  # re-inserted last, so eviction stays oldest-first
+        self._keys[key_id] = (now + self.ttl, lookup)
+        try:
+            stored = await asyncio.shield(lookup)
+        except BaseException:
+            self._forget(key_id, lookup)
+            raise
+        if stored is None or stored.caller.status != "active":
+            self._forget(key_id, lookup)
+        return stored
+
+    def _forget(self, key_id: str, lookup: asyncio.Future[_StoredKey | None]) -> None:
+        hit = self._keys.get(key_id)
+        if hit is not None and hit[1] is lookup:
+            del self._keys[key_id]
 
 
 def require_role(caller: Caller, role: str) -> None:

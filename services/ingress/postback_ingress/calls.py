@@ -10,12 +10,14 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from postback_ingress.auth import Caller, authenticate
+from postback_ingress.auth import Caller, KeyCache
+from postback_ingress.group_commit import CallWriter
 from postback_ingress.models import CallAccepted, CallRequest
-from postback_libs.events import CallRequested, Entry
+from postback_libs.events import CALLS, CallRequested, Entry, new_event
 from postback_libs.http import Problem
 from postback_libs.ids import new_request_id
 from postback_libs.runtime import Service
+from postback_libs.telemetry import current_traceparent
 
 RETRY_AFTER_SECONDS = "1"
 
@@ -26,10 +28,15 @@ def digest(req: CallRequest) -> str:
 
 
 async def accept_call(
-    service: Service, caller: Caller, req: CallRequest, idempotency_key: str | None, entry: Entry
+    service: Service,
+    writer: CallWriter,
+    caller: Caller,
+    req: CallRequest,
+    idempotency_key: str | None,
+    entry: Entry,
 ) -> tuple[str, bool]:
-    """Make the call durable (row + outbox event in one transaction); returns its request id
-    and whether it was accepted just now (False: an earlier call with the same key)."""
+    """Make the call durable (row + outbox event, committed); returns its request id and
+    whether it was accepted just now (False: an earlier call with the same key)."""
     if caller.status != "active":
         raise Problem(
             403,
@@ -37,59 +44,41 @@ async def accept_call(
             "Account suspended",
             "this account is suspended and cannot make calls",
         )
-    if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
+    # A NUL would fail the whole batch's insert, not just this call (Postgres text refuses it).
+    if idempotency_key is not None and not (
+        1 <= len(idempotency_key) <= 255 and "\x00" not in idempotency_key
+    ):
         raise Problem(
             400,
             "invalid-idempotency-key",
             "Invalid Idempotency-Key",
-            "the Idempotency-Key header must be 1 to 255 characters",
+            "the Idempotency-Key header must be 1 to 255 characters, none of them NUL",
         )
-    request_digest = digest(req)
-    request_id = new_request_id()
-    async with service.unit_of_work() as uow:
-        inserted = await uow.conn.fetchval(
-            "INSERT INTO calls (request_id, consumer_id, idempotency_key, request_digest)"
-            " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING request_id",
-            request_id,
-            caller.account_id,
-            idempotency_key,
-            request_digest,
-        )
-        if inserted is None:
-            earlier = await uow.conn.fetchrow(
-                "SELECT request_id, request_digest FROM calls"
-                " WHERE consumer_id = $1 AND idempotency_key = $2",
-                caller.account_id,
-                idempotency_key,
-            )
-            if earlier["request_digest"] != request_digest:
-                raise Problem(
-                    422,
-                    "idempotency-key-reused",
-                    "Idempotency-Key reused",
-                    "this key was used for a different request",
-                )
-            return str(earlier["request_id"]), False
-        uow.emit(
-            CallRequested(
-                request_id=request_id,
-                consumer_id=caller.account_id,
-                api=req.api,
-                mode=req.mode,
-                method=req.method,
-                path=req.path,
-                params=req.params,
-                body=req.body,
-                webhook_url=str(req.webhook_url) if req.webhook_url else None,
-                idempotency_key=idempotency_key,
-                entry=entry,
-            )
-        )
-    return request_id, True
+    # The digest only ever answers "same request as the key's first one?": without a key
+    # nothing compares it, so it is not worth computing.
+    request_digest = digest(req) if idempotency_key is not None else ""
+    # Built without validating again: every field comes from the validated request.
+    call = CallRequested.model_construct(
+        request_id=new_request_id(),
+        consumer_id=caller.account_id,
+        api=req.api,
+        mode=req.mode,
+        method=req.method,
+        path=req.path,
+        params=req.params,
+        body=req.body,
+        webhook_url=str(req.webhook_url) if req.webhook_url else None,
+        idempotency_key=idempotency_key,
+        entry=entry,
+    )
+    event = new_event(call, source=service.name, traceparent=current_traceparent())
+    return await writer.write(call, request_digest, service.settings.topic(CALLS.name), event)
 
 
 def router(service: Service) -> APIRouter:
     api = APIRouter()
+    writer = CallWriter(lambda: service.pool.acquire(), lambda: _wake_relay(service))
+    keys = KeyCache()
 
     def accepted(request_id: str, body: dict[str, Any], fresh: bool) -> JSONResponse:
         location = f"/v1/calls/{request_id}"
@@ -106,10 +95,11 @@ def router(service: Service) -> APIRouter:
         idempotency_key: str | None = Header(None, alias="Idempotency-Key"),
     ) -> JSONResponse:
         """Accept a call; its outcome is delivered to `webhook_url` and readable at Location."""
-        caller = await authenticate(service.pool, request)
-        rid, fresh = await accept_call(service, caller, req, idempotency_key, "v1")
+        caller = await keys.authenticate(service.pool, request)
+        rid, fresh = await accept_call(service, writer, caller, req, idempotency_key, "v1")
+        # The body of CallAccepted (documented as the response model), without building one.
         return accepted(
-            rid, CallAccepted(request_id=rid, status_url=f"/v1/calls/{rid}").model_dump(), fresh
+            rid, {"request_id": rid, "status": "accepted", "status_url": f"/v1/calls/{rid}"}, fresh
         )
 
     @api.post("/internal/call", status_code=202, tags=["seed-compatible"])
@@ -117,7 +107,7 @@ def router(service: Service) -> APIRouter:
         request: Request, idempotency_key: str | None = Header(None, alias="Idempotency-Key")
     ) -> JSONResponse:
         """`{"api_id_public", "method", "path", "params": {..., "webhook_url"}}`."""
-        caller = await authenticate(service.pool, request)
+        caller = await keys.authenticate(service.pool, request)
         body = await _json_object(request)
         params = body.get("params") or {}
         req = _call_request(
@@ -127,7 +117,9 @@ def router(service: Service) -> APIRouter:
             params=params,
             webhook_url=params.get("webhook_url") if isinstance(params, dict) else None,
         )
-        rid, fresh = await accept_call(service, caller, req, idempotency_key, "internal_call")
+        rid, fresh = await accept_call(
+            service, writer, caller, req, idempotency_key, "internal_call"
+        )
         return accepted(rid, {"result": {"requestId": rid}}, fresh)
 
     @api.post("/api/{mode}/api/{slug}", status_code=202, tags=["seed-compatible"])
@@ -140,7 +132,7 @@ def router(service: Service) -> APIRouter:
         """A flat JSON body holding `webhook_url`, with `X-Consumer-Key`."""
         if mode not in ("demo", "production"):
             raise Problem(404, "not-found", "Not found", "mode must be demo or production")
-        caller = await authenticate(service.pool, request)
+        caller = await keys.authenticate(service.pool, request)
         body = await _json_object(request)
         req = _call_request(
             api=slug,
@@ -150,7 +142,7 @@ def router(service: Service) -> APIRouter:
             params=body,
             webhook_url=body.get("webhook_url"),
         )
-        rid, fresh = await accept_call(service, caller, req, idempotency_key, "api_path")
+        rid, fresh = await accept_call(service, writer, caller, req, idempotency_key, "api_path")
         return accepted(rid, {"requestId": rid}, fresh)
 
     return api
@@ -180,3 +172,8 @@ def _call_request(**fields: Any) -> CallRequest:
         raise Problem(
             422, "validation-error", "The request is not valid", f"{where}: {first['msg']}"
         ) from None
+
+
+def _wake_relay(service: Service) -> None:
+    if service.relay is not None:  # publish the calls just accepted without waiting to poll
+        service.relay.wake()

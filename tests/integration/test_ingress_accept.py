@@ -1,0 +1,155 @@
+"""Ingress accepting calls under concurrency: group commit keeps every accepted call durable
+and distinct, Idempotency-Key exact, and a failed write never answered 202."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+
+from postback_ingress.app import build as ingress
+from postback_libs.events import CALLS
+from tests.helpers import TopicReader, bearer, client, create_account, eventually, running
+
+
+async def _calls(settings) -> list[asyncpg.Record]:
+    db = await asyncpg.connect(settings.database_url)
+    try:
+        return await db.fetch("SELECT request_id, idempotency_key FROM ingress.calls")
+    finally:
+        await db.close()
+
+
+async def test_concurrent_calls_are_all_accepted_distinct_and_published(settings):
+    async with (
+        TopicReader(settings, CALLS.name) as topic,
+        running(settings, ingress) as (svc,),
+    ):
+        http = client(svc)
+        consumers = [await create_account(http, ["consumer"]) for _ in range(3)]
+
+        async def call(i: int):
+            who = consumers[i % len(consumers)]
+            return await http.post(
+                "/v1/calls", headers=bearer(who), json={"api": "svc", "params": {"n": i}}
+            )
+
+        answers = await asyncio.gather(*(call(i) for i in range(300)))
+        assert {r.status_code for r in answers} == {202}
+        ids = {r.json()["request_id"] for r in answers}
+        assert len(ids) == 300
+        assert {r["request_id"] for r in await _calls(settings)} == ids
+        await eventually(
+            lambda: {e.subject for e in topic.of_type("call.requested")} >= ids,
+            what="every call.requested",
+        )
+        events = topic.of_type("call.requested")
+        assert len(events) == 300
+        # Each event is its own call's: its consumer and its params.
+        by_id = {r.json()["request_id"]: i for i, r in enumerate(answers)}
+        for e in events:
+            i = by_id[e.subject]
+            assert e.data["params"] == {"n": i}
+            assert e.data["consumer_id"] == consumers[i % len(consumers)]["account_id"]
+
+
+async def test_idempotency_key_sequentially(settings):
+    async with running(settings, ingress) as (svc,):
+        http = client(svc)
+        who = await create_account(http, ["consumer"])
+        headers = {**bearer(who), "Idempotency-Key": "k-1"}
+        first = await http.post("/v1/calls", headers=headers, json={"api": "svc"})
+        again = await http.post("/v1/calls", headers=headers, json={"api": "svc"})
+        other = await http.post("/v1/calls", headers=headers, json={"api": "other"})
+        assert first.status_code == 202
+        assert again.status_code == 200
+        assert again.json()["request_id"] == first.json()["request_id"]
+        assert other.status_code == 422
+        assert other.json()["type"] == "urn:postback:problem:idempotency-key-reused"
+        # The key is the consumer's own: another consumer's same key is another call.
+        stranger = await create_account(http, ["consumer"])
+        theirs = await http.post(
+            "/v1/calls",
+            headers={**bearer(stranger), "Idempotency-Key": "k-1"},
+            json={"api": "svc"},
+        )
+        assert theirs.status_code == 202
+        assert theirs.json()["request_id"] != first.json()["request_id"]
+
+
+async def test_concurrent_requests_with_one_key_make_one_call(settings):
+    async with (
+        TopicReader(settings, CALLS.name) as topic,
+        running(settings, ingress) as (svc,),
+    ):
+        http = client(svc)
+        who = await create_account(http, ["consumer"])
+        headers = {**bearer(who), "Idempotency-Key": "same"}
+        # Two bodies under one key, interleaved: whichever body is first holds the key.
+        bodies = [{"api": "svc", "params": {"v": i % 2}} for i in range(40)]
+        answers = await asyncio.gather(
+            *(http.post("/v1/calls", headers=headers, json=b) for b in bodies)
+        )
+        codes = [r.status_code for r in answers]
+        assert codes.count(202) == 1
+        winner = answers[codes.index(202)].json()["request_id"]
+        won_with = bodies[codes.index(202)]
+        for body, r in zip(bodies, answers, strict=True):
+            if body == won_with:
+                assert r.status_code in (200, 202)
+                assert r.json()["request_id"] == winner
+            else:
+                assert r.status_code == 422
+                assert r.json()["type"] == "urn:postback:problem:idempotency-key-reused"
+        assert [r["request_id"] for r in await _calls(settings)] == [winner]
+        await eventually(lambda: topic.of_type("call.requested", winner), what="the one event")
+        await asyncio.sleep(0.5)  # let any (wrong) second event arrive before counting
+        assert len(topic.of_type("call.requested")) == 1
+
+
+async def test_a_failed_write_answers_no_call_202(settings):
+    async with (
+        TopicReader(settings, CALLS.name) as topic,
+        running(settings, ingress) as (svc,),
+    ):
+        http = client(svc)
+        who = await create_account(http, ["consumer"])
+        db = await asyncpg.connect(settings.database_url)
+        try:
+            # A row the database refuses fails the whole write it is in.
+            await db.execute(
+                """
+                CREATE FUNCTION ingress.refuse_boom() RETURNS trigger LANGUAGE plpgsql AS $$
+                BEGIN
+                    IF NEW.idempotency_key = 'boom' THEN RAISE EXCEPTION 'refused'; END IF;
+                    RETURN NEW;
+                END $$;
+                CREATE TRIGGER refuse_boom BEFORE INSERT ON ingress.calls
+                    FOR EACH ROW EXECUTE FUNCTION ingress.refuse_boom();
+                """
+            )
+        finally:
+            await db.close()
+
+        async def call(i: int):
+            key = {"Idempotency-Key": "boom"} if i % 10 == 0 else {}
+            return await http.post(
+                "/v1/calls", headers={**bearer(who), **key}, json={"api": "svc", "params": {"n": i}}
+            )
+
+        answers = await asyncio.gather(*(call(i) for i in range(100)))
+        for i, r in enumerate(answers):
+            if i % 10 == 0:
+                assert r.status_code == 503, r.text
+            assert r.status_code in (202, 503), r.text
+            if r.status_code == 503:
+                assert r.json()["type"] == "urn:postback:problem:accept-failed"
+                assert r.headers["Retry-After"]
+        accepted = {r.json()["request_id"] for r in answers if r.status_code == 202}
+        assert {r["request_id"] for r in await _calls(settings)} == accepted
+        await eventually(
+            lambda: {e.subject for e in topic.of_type("call.requested")} >= accepted,
+            what="the accepted calls' events",
+        )
+        await asyncio.sleep(0.5)  # let any (wrong) extra event arrive before comparing
+        assert {e.subject for e in topic.of_type("call.requested")} == accepted

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from postback.embedded import EmbeddedKafka, EmbeddedPostgres
+from postback.embedded import EMBEDDED_FETCH_MAX_WAIT_MS, EmbeddedKafka, EmbeddedPostgres
 from postback.stack import LOCAL_NETWORKS, Child, Stack
 from postback_libs.settings import SERVICES, Settings
 
@@ -80,6 +80,12 @@ class Place:
     broker_pid: int | None
     postgres_pid: int | None
 
+    @property
+    def fetch_max_wait_ms(self) -> int:
+        # What `postback up` sets on the embedded broker; a real one keeps the default.
+        default: int = Settings.model_fields["kafka_fetch_max_wait_ms"].default
+        return EMBEDDED_FETCH_MAX_WAIT_MS if self.broker_pid is not None else default
+
     def settings(self, **over: Any) -> Settings:
         fields: dict[str, Any] = {
             "kafka_bootstrap": self.kafka_bootstrap,
@@ -89,6 +95,7 @@ class Place:
             "secret_key": SECRET_KEY,
             "allowed_networks": LOCAL_NETWORKS,
             "kafka_session_timeout_ms": 2000,
+            "kafka_fetch_max_wait_ms": self.fetch_max_wait_ms,
             "log_level": "WARNING",
         }
         return Settings(**{**fields, **over})
@@ -181,6 +188,7 @@ class BenchStack(Stack):
             "POSTBACK_SECRET_KEY": SECRET_KEY,
             "POSTBACK_ALLOWED_NETWORKS": LOCAL_NETWORKS,
             "POSTBACK_KAFKA_SESSION_TIMEOUT_MS": "2000",
+            "POSTBACK_KAFKA_FETCH_MAX_WAIT_MS": str(place.fetch_max_wait_ms),
             "POSTBACK_PUBLIC_URL": f"http://127.0.0.1:{self.port('ingress')}",
             "POSTBACK_CALLBACK_URL": f"http://127.0.0.1:{self.port('owner-adapter')}",
             **env,

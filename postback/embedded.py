@@ -21,11 +21,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["EmbeddedKafka", "EmbeddedPostgres", "free_port"]
+__all__ = ["EMBEDDED_FETCH_MAX_WAIT_MS", "EmbeddedKafka", "EmbeddedPostgres", "free_port"]
 
 _HOST = "127.0.0.1"
 _PG_SYSTEM_USER = "postback-pg"
 _TAIL_BYTES = 4000
+# The embedded broker answers a parked fetch at the end of its wait, not when records arrive:
+# a hop through it took 28 ms (p50) / 54 ms (p99) with a 100 ms wait and 6 / 10 ms with 20 ms.
+# Services on it fetch with the short wait (Kafka itself answers as soon as records arrive).
+EMBEDDED_FETCH_MAX_WAIT_MS = 20
 
 
 def free_port() -> int:

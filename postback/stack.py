@@ -71,7 +71,12 @@ class Stack:
         return self.base_port + DEFAULT_PORTS[service] - DEFAULT_PORTS["ingress"]
 
     def start_infrastructure(self) -> None:
-        from postback.embedded import EmbeddedKafka, EmbeddedPostgres, free_port
+        from postback.embedded import (
+            EMBEDDED_FETCH_MAX_WAIT_MS,
+            EmbeddedKafka,
+            EmbeddedPostgres,
+            free_port,
+        )
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("POSTBACK_")}
@@ -83,6 +88,7 @@ class Stack:
             kafka.start()
             self.kafka = kafka
             env["POSTBACK_KAFKA_BOOTSTRAP"] = kafka.bootstrap
+            env.setdefault("POSTBACK_KAFKA_FETCH_MAX_WAIT_MS", str(EMBEDDED_FETCH_MAX_WAIT_MS))
             _say(f"  broker      embedded (in memory) at {kafka.bootstrap}")
         else:
             _say(f"  broker      {os.environ['POSTBACK_KAFKA_BOOTSTRAP']}")

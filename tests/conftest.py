@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from postback.embedded import EmbeddedKafka, EmbeddedPostgres, free_port
+from postback.embedded import EMBEDDED_FETCH_MAX_WAIT_MS, EmbeddedKafka, EmbeddedPostgres, free_port
 from postback.stack import PACKAGES
 from postback_libs.db import migrate, schema_for
 from postback_libs.settings import SERVICES, Settings
@@ -52,6 +52,7 @@ async def settings(infra: tuple[EmbeddedPostgres, EmbeddedKafka]) -> AsyncIterat
         shutdown_grace_seconds=4,
         consumer_max_records=200,
         kafka_session_timeout_ms=2000,
+        kafka_fetch_max_wait_ms=EMBEDDED_FETCH_MAX_WAIT_MS,
     )
     await ensure_topics(s)
     # As `postback migrate` does before a deployment starts: every schema exists, so a service

@@ -94,7 +94,12 @@ class OutboxRelay:
                 await asyncio.sleep(1)
 
     async def _lead(self) -> None:
-        conn = await asyncpg.connect(self.dsn, server_settings={"search_path": self.schema})
+        # Deleting published rows need not wait for the disk: rows a crash brings back are
+        # published again, and consumers recognise the events by id.
+        conn = await asyncpg.connect(
+            self.dsn,
+            server_settings={"search_path": self.schema, "synchronous_commit": "off"},
+        )
         try:
             while not await conn.fetchval(
                 "SELECT pg_try_advisory_lock($1)", lock_key(f"relay:{self.schema}")

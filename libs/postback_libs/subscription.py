@@ -1,10 +1,10 @@
 """One consumer group's loop: fetch a batch, apply it, commit its offsets, fetch the next.
 
 Offsets are committed only after the batch's effects are (the applier's transaction has
-committed), so a crash or a rebalance redelivers a batch rather than losing it, and the
-applier's inbox recognises what was already applied. The loop runs on aiokafka directly: a
-fetch returns as soon as records arrive, and waits on the broker, not on a timer, while the
-topic is quiet."""
+committed; the commit then overlaps the next batch), so a crash or a rebalance redelivers a
+batch rather than losing it, and the applier's inbox recognises what was already applied. The
+loop runs on aiokafka directly: a fetch returns as soon as records arrive, and waits on the
+broker, not on a timer, while the topic is quiet."""
 
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ class Subscription:
             max_poll_records=settings.consumer_max_records,
         )
         self._task: asyncio.Task[None] | None = None
+        self._commit: asyncio.Task[None] | None = None
         self._stopping = False
         self._applying = False
 
@@ -57,6 +58,8 @@ class Subscription:
                 self._task.cancel()  # waiting for records: nothing in hand
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._commit is not None:
+            await self._commit
         await self.consumer.stop()
 
     async def _run(self) -> None:
@@ -91,10 +94,17 @@ class Subscription:
                 self.consumer.seek(tp, batch[0].offset)
             await asyncio.sleep(0.5)
             return
+        # The commit runs while the next batch is fetched and applied; commits stay in order.
+        if self._commit is not None:
+            await self._commit
+        offsets = {tp: batch[-1].offset + 1 for tp, batch in fetched.items()}
+        self._commit = asyncio.create_task(self._commit_offsets(offsets))
+        self.applier.note_lag(records, self.consumer)
+
+    async def _commit_offsets(self, offsets: dict[TopicPartition, int]) -> None:
         try:
-            await self.consumer.commit({tp: batch[-1].offset + 1 for tp, batch in fetched.items()})
+            await self.consumer.commit(offsets)
         except KafkaError as e:
             # A rebalance took the partitions: their new owner gets the batch again, and the
             # inbox knows it was applied.
             log.warning("offsets not committed", group=self.applier.group, error=repr(e))
-        self.applier.note_lag(records, self.consumer)

@@ -19,6 +19,11 @@ HANDLER_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 OUTBOX_PENDING = Gauge("postback_outbox_pending", "Outbox rows not yet published.")
+OUTBOX_DELAY_SECONDS = Histogram(
+    "postback_outbox_delay_seconds",
+    "From the transaction that wrote an event to the broker's acknowledgement of it.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
 CONSUMER_LAG = Gauge(
     "postback_consumer_lag_events", "Events behind the end of the topic.", ["group", "topic"]
 )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +19,7 @@ from aiokafka import AIOKafkaProducer
 from postback_libs.db import lock_key
 from postback_libs.events import CONTENT_TYPE, CloudEvent, EventData, new_event
 from postback_libs.logging import get_logger
-from postback_libs.metrics import EVENTS_PRODUCED, OUTBOX_PENDING
+from postback_libs.metrics import EVENTS_PRODUCED, OUTBOX_DELAY_SECONDS, OUTBOX_PENDING
 from postback_libs.settings import Settings
 from postback_libs.telemetry import current_traceparent
 
@@ -127,7 +128,7 @@ class OutboxRelay:
 
     async def publish_pending(self, conn: Any) -> int:
         rows = await conn.fetch(
-            "SELECT position, topic, key, type, payload, traceparent FROM outbox"
+            "SELECT position, topic, key, type, payload, traceparent, created_at FROM outbox"
             " ORDER BY position LIMIT $1",
             self.batch,
         )
@@ -150,8 +151,10 @@ class OutboxRelay:
         await conn.execute(
             "DELETE FROM outbox WHERE position = ANY($1::bigint[])", [r["position"] for r in rows]
         )
+        acked = time.time()
         for r in rows:
             EVENTS_PRODUCED.labels(r["topic"]).inc()
+            OUTBOX_DELAY_SECONDS.observe(acked - r["created_at"].timestamp())
         OUTBOX_PENDING.set(len(rows) if len(rows) == self.batch else 0)
         return len(rows)
 

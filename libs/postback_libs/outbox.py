@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import DefaultPartitioner
 
 from postback_libs.db import lock_key
 from postback_libs.events import CONTENT_TYPE, CloudEvent, EventData, new_event
@@ -25,6 +27,7 @@ from postback_libs.telemetry import current_traceparent
 
 log = get_logger(__name__)
 POLL_SECONDS = 0.1
+_partitioner = DefaultPartitioner()
 
 
 @dataclass
@@ -85,6 +88,7 @@ class OutboxRelay:
         self._wake = asyncio.Event()
         self._stopping = False
         self.leader = False
+        self._partitions: dict[str, list[int]] = {}
 
     async def run(self) -> None:
         while not self._stopping:
@@ -135,16 +139,7 @@ class OutboxRelay:
         if not rows:
             OUTBOX_PENDING.set(0)
             return 0
-        sends = []
-        for r in rows:
-            headers = [("content-type", CONTENT_TYPE.encode()), ("ce_type", r["type"].encode())]
-            if r["traceparent"]:
-                headers.append(("traceparent", r["traceparent"].encode()))
-            sends.append(
-                await self.producer.send(
-                    r["topic"], value=r["payload"], key=r["key"].encode(), headers=headers
-                )
-            )
+        sends = await self._send(rows)
         await asyncio.gather(*sends)  # every send acknowledged before the rows go
         # By position, not by range: a transaction that commits late can hold a lower position
         # than rows already published, and must not be deleted unpublished.
@@ -152,11 +147,43 @@ class OutboxRelay:
             "DELETE FROM outbox WHERE position = ANY($1::bigint[])", [r["position"] for r in rows]
         )
         acked = time.time()
+        for topic, n in Counter(r["topic"] for r in rows).items():
+            EVENTS_PRODUCED.labels(topic).inc(n)
         for r in rows:
-            EVENTS_PRODUCED.labels(r["topic"]).inc()
             OUTBOX_DELAY_SECONDS.observe(acked - r["created_at"].timestamp())
         OUTBOX_PENDING.set(len(rows) if len(rows) == self.batch else 0)
         return len(rows)
+
+    async def _send(self, rows: list[Any]) -> list[asyncio.Future[Any]]:
+        """Queue the rows for the broker as one record batch per partition (a future per
+        batch, not per record), in order: a key's partition is the one the Java client and
+        aiokafka's own `send` would choose (murmur2 of the key)."""
+        builders: dict[tuple[str, int], Any] = {}
+        sends: list[asyncio.Future[Any]] = []
+        for r in rows:
+            topic, key = r["topic"], r["key"].encode()
+            headers = [("content-type", CONTENT_TYPE.encode()), ("ce_type", r["type"].encode())]
+            if r["traceparent"]:
+                headers.append(("traceparent", r["traceparent"].encode()))
+            partitions = await self._partitions_of(topic)
+            slot = (topic, _partitioner(key, partitions, partitions))
+            batch = builders.get(slot)
+            if batch is None:
+                batch = builders[slot] = self.producer.create_batch()
+            if batch.append(key=key, value=r["payload"], timestamp=None, headers=headers) is None:
+                sends.append(await self.producer.send_batch(batch, topic, partition=slot[1]))
+                batch = builders[slot] = self.producer.create_batch()
+                batch.append(key=key, value=r["payload"], timestamp=None, headers=headers)
+        for (topic, partition), batch in builders.items():
+            sends.append(await self.producer.send_batch(batch, topic, partition=partition))
+        return sends
+
+    async def _partitions_of(self, topic: str) -> list[int]:
+        # Known for the process's life: partitions added to a topic move keys anyway.
+        partitions = self._partitions.get(topic)
+        if partitions is None:
+            partitions = self._partitions[topic] = sorted(await self.producer.partitions_for(topic))
+        return partitions
 
     def wake(self) -> None:
         self._wake.set()

@@ -1,0 +1,67 @@
+"""The outbox relay publishes what committed, in order per key, to the partition a plain
+producer would choose for the key, with the CloudEvents headers — and deletes only that."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+from aiokafka.partitioner import murmur2
+
+from postback_libs.db import schema_for
+from postback_libs.events import CallRouted
+from postback_libs.outbox import OutboxRelay, new_producer, unit_of_work
+from tests.helpers import TopicReader, eventually
+
+SCHEMA = schema_for("routing")  # any service schema: the fixtures migrated them all
+
+
+def routed(request_id: str, n: int) -> CallRouted:
+    return CallRouted(
+        request_id=request_id,
+        consumer_id="acc_c",
+        owner_id="acc_o",
+        api_id="api_x",
+        mode="demo",
+        method="POST",
+        path=f"/{n}",
+        upstream_url="http://127.0.0.1:9/",
+        price=0,
+        fee_bps=0,
+        deadline="2030-01-01T00:00:00Z",
+    )
+
+
+async def test_the_relay_publishes_in_order_per_key_to_the_keys_partition(settings) -> None:
+    pool = await asyncpg.create_pool(settings.database_url, server_settings={"search_path": SCHEMA})
+    producer = new_producer(settings)
+    await producer.start()
+    relay = OutboxRelay(settings.database_url, SCHEMA, producer, batch=7)
+    task = asyncio.create_task(relay.run())
+    keys = [f"req_relay_{i}" for i in range(12)]
+    try:
+        async with TopicReader(settings, "postback.calls") as reader:
+            for n in range(5):  # five transactions, each with an event for every key
+                async with unit_of_work(pool, "test", settings, relay.wake) as uow:
+                    for key in keys:
+                        uow.emit(routed(key, n))
+            await eventually(lambda: len(reader.raw) == 60, what="every event published")
+            partitions = len(await producer.partitions_for(settings.topic("postback.calls")))
+            for key in keys:
+                mine = [r for r in reader.raw if r.key == key.encode()]
+                assert [r.partition for r in mine] == [
+                    (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
+                ] * 5
+                assert [e.data["path"] for e in reader.events if e.subject == key] == [
+                    f"/{n}" for n in range(5)
+                ]
+            headers = dict(reader.raw[0].headers)
+            assert headers["ce_type"] == b"call.routed"
+            assert headers["content-type"] == b"application/cloudevents+json"
+        left = await pool.fetchval("SELECT count(*) FROM outbox")
+        assert left == 0
+    finally:
+        await relay.stop()
+        await task
+        await producer.stop()
+        await pool.close()

@@ -3,7 +3,8 @@ transfer (statements, earnings per API) and the operator's corrections with thei
 
 A transfer row is inserted once by its id and balances move only when it is new, so a ledger
 event read twice — redelivered, or published twice by a relay — changes nothing the second
-time, whatever the inbox remembers."""
+time, whatever the inbox remembers. Handlers only gather rows; the batch is written at its end
+with a few statements over arrays (`unnest`), not a round trip per event."""
 
 from __future__ import annotations
 
@@ -23,26 +24,31 @@ from postback_libs.events import (
     TransferVoided,
 )
 from postback_libs.outbox import UnitOfWork
+from postback_projection.batching import columns, waves
 
 FUNDING_ACCOUNT = "operator:funding"
 
-INSERT_TRANSFER = """
+# Each statement takes a batch's rows as one array per column.
+INSERT_TRANSFERS = """
 INSERT INTO transfers (transfer_id, type, kind, debit_account, credit_account, amount,
     pending_id, request_id, api_id, note, at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[],
+    $7::text[], $8::text[], $9::text[], $10::text[], $11::timestamptz[])
 ON CONFLICT DO NOTHING RETURNING transfer_id
 """
-ADJUST_BALANCE = """
-INSERT INTO balances (ledger_account, balance, reserved) VALUES ($1, $2, $3)
+ADJUST_BALANCES = """
+INSERT INTO balances (ledger_account, balance, reserved)
+SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[])
 ON CONFLICT (ledger_account) DO UPDATE SET balance = balances.balance + EXCLUDED.balance,
     reserved = balances.reserved + EXCLUDED.reserved, updated_at = now()
 """
 # A correction is `requested` until settlement decides; a decision is never undone by a
 # request read late.
-UPSERT_CORRECTION = """
+UPSERT_CORRECTIONS = """
 INSERT INTO corrections (correction_id, account_id, role, amount, note, status, reason, detail,
     balance, transfer_id, requested_at, decided_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[],
+    $7::text[], $8::text[], $9::bigint[], $10::text[], $11::timestamptz[], $12::timestamptz[])
 ON CONFLICT (correction_id) DO UPDATE SET
     status = CASE WHEN corrections.status = 'requested' THEN EXCLUDED.status
                   ELSE corrections.status END,
@@ -54,6 +60,7 @@ ON CONFLICT (correction_id) DO UPDATE SET
     requested_at = coalesce(corrections.requested_at, EXCLUDED.requested_at),
     decided_at = coalesce(corrections.decided_at, EXCLUDED.decided_at)
 """
+TRANSFERS, CORRECTIONS = "ledger.transfers", "ledger.corrections"
 
 Movement = AccountCredited | AccountCorrected | TransferReserved | TransferPosted | TransferVoided
 
@@ -122,43 +129,78 @@ def balance_changes(e: Movement) -> list[tuple[str, int, int]]:
 
 
 def handlers() -> Handlers:
-    ledger = Handlers("projection-ledger", LEDGER.name)
+    ledger = Handlers("projection-ledger", LEDGER.name, after_batch=_write)
 
     @ledger.on(AccountCredited, AccountCorrected, TransferReserved, TransferPosted, TransferVoided)
     async def project_transfer(event: CloudEvent, e: Movement, uow: UnitOfWork) -> None:
         t = transfer_row(event.type, e)
-        inserted = await uow.conn.fetchval(
-            INSERT_TRANSFER,
-            t.transfer_id,
-            t.type,
-            t.kind,
-            t.debit_account,
-            t.credit_account,
-            t.amount,
-            t.pending_id,
-            t.request_id,
-            t.api_id,
-            t.note,
-            event.time,
-        )
-        if inserted is not None:
-            await uow.conn.executemany(ADJUST_BALANCE, balance_changes(e))
+        uow.scratch.setdefault(TRANSFERS, []).append((t, event.time, balance_changes(e)))
         if isinstance(e, AccountCorrected):
-            await _correction(uow, e, "applied", event.time, balance=e.balance, transfer=t)
+            _correction(
+                uow,
+                e,
+                "applied",
+                event.time,
+                note=e.note,
+                balance=e.balance,
+                transfer_id=t.transfer_id,
+            )
 
     @ledger.on(CorrectionRequested, CorrectionRefused)
     async def project_correction(
         event: CloudEvent, e: CorrectionRequested | CorrectionRefused, uow: UnitOfWork
     ) -> None:
         if isinstance(e, CorrectionRequested):
-            await _correction(uow, e, "requested", event.time, note=e.note)
+            _correction(uow, e, "requested", event.time, note=e.note)
         else:
-            await _correction(uow, e, "refused", event.time, reason=e.reason, detail=e.detail)
+            _correction(uow, e, "refused", event.time, reason=e.reason, detail=e.detail)
 
     return ledger
 
 
-async def _correction(
+Gathered = tuple[TransferRow, datetime, list[tuple[str, int, int]]]
+
+
+async def _write(uow: UnitOfWork) -> None:
+    gathered: list[Gathered] = uow.scratch.pop(TRANSFERS, [])
+    if gathered:
+        await _write_transfers(uow, gathered)
+    corrections: list[tuple[object, ...]] = uow.scratch.pop(CORRECTIONS, [])
+    for wave in waves(corrections, key=lambda row: row[0]):
+        await uow.conn.execute(UPSERT_CORRECTIONS, *columns(wave, 12))
+
+
+async def _write_transfers(uow: UnitOfWork, gathered: list[Gathered]) -> None:
+    # A transfer published twice within the batch: the first one read is the one inserted,
+    # as when the events were applied one by one.
+    first: dict[str, Gathered] = {}
+    for g in gathered:
+        first.setdefault(g[0].transfer_id, g)
+    rows = [
+        (t.transfer_id, t.type, t.kind, t.debit_account, t.credit_account, t.amount,
+         t.pending_id, t.request_id, t.api_id, t.note, at)
+        for t, at, _ in first.values()
+    ]  # fmt: skip
+    inserted = {
+        r["transfer_id"] for r in await uow.conn.fetch(INSERT_TRANSFERS, *columns(rows, 11))
+    }
+    # Balances move only for the transfers this batch inserted: one already there was
+    # counted when it was first read. An account whose changes net to zero still gets its
+    # row, as it would one event at a time.
+    changes: dict[str, list[int]] = {}
+    for t, _, moves in first.values():
+        if t.transfer_id in inserted:
+            for account, balance, reserved in moves:
+                total = changes.setdefault(account, [0, 0])
+                total[0] += balance
+                total[1] += reserved
+    if changes:
+        # In account order, so two batches touching the same accounts lock them alike.
+        adjust = [(a, b, r) for a, (b, r) in sorted(changes.items())]
+        await uow.conn.execute(ADJUST_BALANCES, *columns(adjust, 3))
+
+
+def _correction(
     uow: UnitOfWork,
     e: CorrectionRequested | AccountCorrected | CorrectionRefused,
     status: str,
@@ -168,21 +210,22 @@ async def _correction(
     reason: str | None = None,
     detail: str | None = None,
     balance: int | None = None,
-    transfer: TransferRow | None = None,
+    transfer_id: str | None = None,
 ) -> None:
     requested = status == "requested"
-    await uow.conn.execute(
-        UPSERT_CORRECTION,
-        e.correction_id,
-        e.account_id,
-        e.role,
-        e.amount,
-        note or (transfer.note if transfer and transfer.note else ""),
-        status,
-        reason,
-        detail,
-        balance,
-        transfer.transfer_id if transfer else None,
-        at if requested else None,
-        None if requested else at,
+    uow.scratch.setdefault(CORRECTIONS, []).append(
+        (
+            e.correction_id,
+            e.account_id,
+            e.role,
+            e.amount,
+            note,
+            status,
+            reason,
+            detail,
+            balance,
+            transfer_id,
+            at if requested else None,
+            None if requested else at,
+        )
     )

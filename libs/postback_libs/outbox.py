@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -27,7 +28,13 @@ from postback_libs.telemetry import current_traceparent
 
 log = get_logger(__name__)
 POLL_SECONDS = 0.1
-_partitioner = DefaultPartitioner()
+
+
+@functools.lru_cache(maxsize=65_536)
+def _partition(key: bytes, partitions: tuple[int, ...]) -> int:
+    """The partition aiokafka's default partitioner (the Java client's murmur2) gives `key`;
+    remembered, since a relay sees the same ledger accounts and calls again and again."""
+    return DefaultPartitioner()(key, partitions, partitions)  # type: ignore[no-any-return]
 
 
 @dataclass
@@ -88,7 +95,7 @@ class OutboxRelay:
         self._wake = asyncio.Event()
         self._stopping = False
         self.leader = False
-        self._partitions: dict[str, list[int]] = {}
+        self._partitions: dict[str, tuple[int, ...]] = {}
 
     async def run(self) -> None:
         while not self._stopping:
@@ -165,8 +172,7 @@ class OutboxRelay:
             headers = [("content-type", CONTENT_TYPE.encode()), ("ce_type", r["type"].encode())]
             if r["traceparent"]:
                 headers.append(("traceparent", r["traceparent"].encode()))
-            partitions = await self._partitions_of(topic)
-            slot = (topic, _partitioner(key, partitions, partitions))
+            slot = (topic, _partition(key, await self._partitions_of(topic)))
             batch = builders.get(slot)
             if batch is None:
                 batch = builders[slot] = self.producer.create_batch()
@@ -178,11 +184,12 @@ class OutboxRelay:
             sends.append(await self.producer.send_batch(batch, topic, partition=partition))
         return sends
 
-    async def _partitions_of(self, topic: str) -> list[int]:
+    async def _partitions_of(self, topic: str) -> tuple[int, ...]:
         # Known for the process's life: partitions added to a topic move keys anyway.
         partitions = self._partitions.get(topic)
         if partitions is None:
-            partitions = self._partitions[topic] = sorted(await self.producer.partitions_for(topic))
+            partitions = tuple(sorted(await self.producer.partitions_for(topic)))
+            self._partitions[topic] = partitions
         return partitions
 
     def wake(self) -> None:

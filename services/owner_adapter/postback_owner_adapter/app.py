@@ -1,10 +1,12 @@
 """Owner-adapter: forwards each authorized call to its owner, with a deadline and a callback, and
 turns the owner's answer — in its response or in a later callback — into the call's outcome.
 
-Kafka handlers only record work in `dispatches`; a worker claims due rows (`FOR UPDATE SKIP
-LOCKED`, with a lease that a crashed replica's rows outlive) and does the slow HTTP, so a slow
-owner never holds a partition. Every outcome is a conditional update from a non-final status, so
-each call gets exactly one of completed, failed or timed out, whichever comes first."""
+Kafka handlers only record work in `dispatches`, a batch at a time (intake.py); a worker claims
+due rows (`FOR UPDATE SKIP LOCKED`, with a lease that a crashed replica's rows outlive) and does
+the slow HTTP, so a slow owner never holds a partition. The batch that makes calls due claims
+those this replica has room for itself, saving the worker a round trip. Every outcome is a
+conditional update from a non-final status, written many to a transaction (outcomes.py), so each
+call gets exactly one of completed, failed or timed out, whichever comes first."""
 
 from __future__ import annotations
 
@@ -38,7 +40,8 @@ from postback_libs.runtime import Service
 from postback_libs.settings import Settings
 from postback_libs.signing import derive_secret, webhook_headers
 from postback_libs.workqueue import WorkQueue
-from postback_owner_adapter import domain
+from postback_owner_adapter import domain, intake
+from postback_owner_adapter.outcomes import OutcomeWriter
 
 log = get_logger(__name__)
 OPEN = ("routed", "pending", "dispatching", "accepted")
@@ -49,73 +52,45 @@ DEADLINE_SLACK = timedelta(milliseconds=50)
 def build(settings: Settings) -> Service:
     service = Service("owner-adapter", "postback_owner_adapter", settings)
     master = settings.secret_key.get_secret_value().encode()
+    # A claimed dispatch's lease outlives its request's timeout: only a dead replica loses one.
+    lease_seconds = settings.owner_timeout_seconds + 5
     handlers = Handlers("owner-adapter", CALLS.name)
     session: dict[str, aiohttp.ClientSession] = {}
 
+    # Handlers only gather; the batch is written at once before it commits (intake.py).
     @handlers.on(CallRouted)
     async def record_call(event: CloudEvent, call: CallRouted, uow: UnitOfWork) -> None:
-        await uow.conn.execute(
-            "INSERT INTO dispatches (request_id, api_id, upstream_url, method, path, params,"
-            " body, entry, max_result_bytes, deadline, status)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'routed') ON CONFLICT DO NOTHING",
-            call.request_id,
-            call.api_id,
-            call.upstream_url,
-            call.method,
-            call.path,
-            json.dumps(call.params),
-            json.dumps(call.body),
-            call.entry,
-            call.max_result_bytes,
-            call.deadline,
-        )
+        intake.routed(uow, call)
 
     @handlers.on(CallAuthorized)
     async def schedule_dispatch(event: CloudEvent, call: CallAuthorized, uow: UnitOfWork) -> None:
-        await uow.conn.execute(
-            "UPDATE dispatches SET status = 'pending', next_attempt_at = now(), updated_at = now()"
-            " WHERE request_id = $1 AND status = 'routed'",
-            call.request_id,
-        )
+        intake.moved(uow, call.request_id, "pending")
 
     @handlers.on(CallRejected)
     async def cancel_dispatch(event: CloudEvent, call: CallRejected, uow: UnitOfWork) -> None:
-        await uow.conn.execute(
-            "UPDATE dispatches SET status = 'cancelled', updated_at = now()"
-            " WHERE request_id = $1 AND status = 'routed'",
-            call.request_id,
-        )
+        intake.moved(uow, call.request_id, "cancelled")
 
-    async def finish(
-        request_id: str,
-        from_status: str | tuple[str, ...],
-        to_status: str,
-        *events: Any,
-        digest: str | None = None,
-        retry_at: datetime | None = None,
-        facts: tuple[Any, ...] = (),
-    ) -> bool:
-        """Move a dispatch on and emit its events, unless another outcome got there first.
-        `facts` (an attempt made) are emitted either way: they happened, whoever won."""
-        statuses = [from_status] if isinstance(from_status, str) else list(from_status)
-        async with service.unit_of_work() as uow:
-            for fact in facts:
-                uow.emit(fact)
-            moved = await uow.conn.fetchval(
-                "UPDATE dispatches SET status = $3, result_digest = coalesce($4, result_digest),"
-                " next_attempt_at = $5, lease_until = NULL, updated_at = now()"
-                " WHERE request_id = $1 AND status = ANY($2::text[]) RETURNING request_id",
-                request_id,
-                statuses,
-                to_status,
-                digest,
-                retry_at,
-            )
-            if moved is None:
-                return False
-            for e in events:
-                uow.emit(e)
-        return True
+    # Claimed at intake: `claiming` holds what the batch being written claimed, `claimed` what
+    # committed batches claimed and the queue has not yet started; a failed batch's claims are
+    # dropped when the next batch overwrites them (its rows were never leased).
+    claiming: list[Any] = []
+    claimed: list[Any] = []
+    busy: set[str] = set()  # dispatches in flight
+
+    async def write_intake(uow: UnitOfWork) -> None:
+        room = settings.dispatch_concurrency - len(busy) - len(claimed)
+        rows = await intake.write(uow, claim=max(0, room), lease_seconds=lease_seconds)
+        claiming[:] = [r for r in rows if r["status"] == "dispatching"]
+
+    def intake_committed() -> None:
+        claimed.extend(claiming)
+        claiming.clear()
+        queue.wake.set()  # for the claimed calls, and for those left pending: due at once
+
+    handlers.after_batch = write_intake
+    handlers.after_commit = intake_committed
+    outcomes = OutcomeWriter(service.unit_of_work, settings, service.name)
+    finish = outcomes.finish
 
     async def dispatch(row: Any) -> None:
         rid, attempt = row["request_id"], row["attempts"]
@@ -228,7 +203,12 @@ def build(settings: Settings) -> Service:
         await finish(rid, "dispatching", terminal, outcome, facts=(dispatched,))
 
     async def claim(n: int) -> list[Any]:
-        rows: list[Any] = await service.pool.fetch(
+        rows: list[Any]
+        if claimed:  # claimed at intake already: no round trip
+            rows = claimed[:n]
+            del claimed[:n]
+            return rows
+        rows = await service.pool.fetch(
             "UPDATE dispatches SET status = 'dispatching', attempts = attempts + 1,"
             " lease_until = now() + make_interval(secs => $2), updated_at = now()"
             " WHERE request_id IN (SELECT request_id FROM dispatches"
@@ -237,11 +217,18 @@ def build(settings: Settings) -> Service:
             "   ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED)"
             " RETURNING *",
             n,
-            settings.owner_timeout_seconds + 5,
+            lease_seconds,
         )
         return rows
 
-    queue = WorkQueue(claim, dispatch, concurrency=settings.dispatch_concurrency)
+    async def dispatch_claimed(row: Any) -> None:
+        busy.add(row["request_id"])
+        try:
+            await dispatch(row)
+        finally:
+            busy.discard(row["request_id"])
+
+    queue = WorkQueue(claim, dispatch_claimed, concurrency=settings.dispatch_concurrency)
     service.worker(queue.run)
 
     @service.worker
@@ -252,13 +239,18 @@ def build(settings: Settings) -> Service:
                 " WHERE status = ANY($1::text[]) AND deadline < now() LIMIT 500",
                 list(OPEN),
             )
-            for r in rows:
-                await finish(
-                    r["request_id"],
-                    OPEN,
-                    "timed_out",
-                    CallTimedOut(request_id=r["request_id"], deadline=r["deadline"]),
+            # Together, so they are written as a few batches rather than one by one.
+            await asyncio.gather(
+                *(
+                    finish(
+                        r["request_id"],
+                        OPEN,
+                        "timed_out",
+                        CallTimedOut(request_id=r["request_id"], deadline=r["deadline"]),
+                    )
+                    for r in rows
                 )
+            )
             if not rows:
                 await asyncio.sleep(1)
 
@@ -276,6 +268,14 @@ def build(settings: Settings) -> Service:
     async def drain() -> None:
         await queue.drain(settings.shutdown_grace_seconds / 2)
         await session["http"].close()
+        if claimed:  # claimed at intake but never started: due again now, not when leases end
+            await service.pool.execute(
+                "UPDATE dispatches SET status = 'pending', attempts = attempts - 1,"
+                " lease_until = NULL, updated_at = now()"
+                " WHERE request_id = ANY($1::text[]) AND status = 'dispatching'",
+                [r["request_id"] for r in claimed],
+            )
+            claimed.clear()
 
     @service.app.post("/v1/callbacks/{request_id}", status_code=200)
     async def receive_callback(request_id: str, request: Request) -> Response:
@@ -331,6 +331,5 @@ def build(settings: Settings) -> Service:
             f"the call is {row['status']}; a different result cannot replace it",
         )
 
-    handlers.after_commit = queue.wake.set  # authorized calls are due at once
     service.consume(handlers)
     return service

@@ -10,11 +10,12 @@ import signal
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
+import asyncpg
 import uvicorn
 from aiokafka import AIOKafkaProducer
 from fastapi import FastAPI
 
-from postback_libs.consumer import BatchApplier, Handlers
+from postback_libs.consumer import BatchApplier, Handlers, purge_inbox
 from postback_libs.db import create_pool, migrate, schema_for
 from postback_libs.http import ReadinessCheck, install_health_routes, install_problem_handlers
 from postback_libs.logging import configure_logging, get_logger
@@ -122,7 +123,7 @@ class Service:
             self._subscribe(handlers)
         # Groups join in parallel: each join waits on the broker's rebalance delay.
         await asyncio.gather(*(sub.start() for sub in self.subscriptions))
-        for fn in self._workers:
+        for fn in (*self._workers, self._forget_old_inbox):
             self._tasks.append(asyncio.create_task(fn(), name=fn.__name__))
         self._started = True
         log.info("service started", port=s.port_for(self.name))
@@ -189,6 +190,16 @@ class Service:
         self._server.should_exit = True
         await http
         await self.stop()
+
+    async def _forget_old_inbox(self) -> None:
+        """Hourly: the inbox would otherwise grow by a row per event handled, for ever."""
+        while not self.stopping:
+            try:
+                await purge_inbox(self.pool, self.settings.inbox_retention_days)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+                log.warning("inbox purge failed", error=repr(e))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), 3600)
 
     # --- readiness ---------------------------------------------------------------------------
 

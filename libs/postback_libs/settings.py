@@ -70,6 +70,13 @@ class Settings(BaseSettings):
         100, ge=1, description="Longest wait of an empty fetch; bounds each hop's latency."
     )
     handler_retries: int = Field(3, ge=0, description="Attempts before an event goes to the DLQ.")
+    inbox_retention_days: int = Field(
+        7,
+        ge=1,
+        description="Processed event ids are remembered this long. A redelivery comes within "
+        "minutes; a consumer group reset further back than this relies on each handler's own "
+        "idempotency (transfer ids, conditional updates, derived event ids).",
+    )
     shutdown_grace_seconds: float = Field(20.0, gt=0)
 
     # Owner-adapter

@@ -9,6 +9,7 @@ import json
 
 import asyncpg
 
+from postback_libs.consumer import purge_inbox
 from postback_libs.events import CallCompleted, CreditRequested
 from postback_libs.metrics import EVENTS_CONSUMED
 from postback_settlement.app import build as settlement
@@ -265,3 +266,20 @@ async def test_an_event_in_flight_at_shutdown_is_finished_and_not_applied_again(
             assert raw_count(calls, "call.authorized", rid) == 1
             assert len(await fetch(svc, "SELECT * FROM reservations")) == 1
             assert await consumer_balance(svc, consumer) == (100, 10)
+
+
+async def test_the_inbox_forgets_event_ids_past_its_retention(settings):
+    pool = await asyncpg.create_pool(
+        settings.database_url, server_settings={"search_path": "settlement"}
+    )
+    try:
+        await pool.executemany(
+            "INSERT INTO inbox (consumer, event_id, processed_at)"
+            " VALUES ('g', $1, now() - make_interval(days => $2))",
+            [(f"old-{i}", 8) for i in range(5)] + [(f"recent-{i}", 6) for i in range(3)],
+        )
+        assert await purge_inbox(pool, retention_days=7, chunk=2) == 5
+        kept = sorted(r["event_id"] for r in await pool.fetch("SELECT event_id FROM inbox"))
+        assert kept == ["recent-0", "recent-1", "recent-2"]
+    finally:
+        await pool.close()

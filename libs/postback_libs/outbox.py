@@ -28,6 +28,14 @@ from postback_libs.telemetry import current_traceparent
 
 log = get_logger(__name__)
 POLL_SECONDS = 0.1
+# One statement for a whole batch's events; positions follow the order they were emitted in.
+INSERT_OUTBOX = """
+INSERT INTO outbox (topic, key, event_id, type, payload, traceparent)
+SELECT topic, key, event_id, type, payload, traceparent
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::text[])
+    WITH ORDINALITY AS e(topic, key, event_id, type, payload, traceparent, n)
+ORDER BY n
+"""
 
 
 @functools.lru_cache(maxsize=65_536)
@@ -58,11 +66,8 @@ class UnitOfWork:
     async def flush(self) -> None:
         if not self.events:
             return
-        await self.conn.executemany(
-            "INSERT INTO outbox (topic, key, event_id, type, payload, traceparent)"
-            " VALUES ($1, $2, $3, $4, $5, $6)",
-            [(t, e.subject, e.id, e.type, e.to_bytes(), e.traceparent) for t, e in self.events],
-        )
+        rows = [(t, e.subject, e.id, e.type, e.to_bytes(), e.traceparent) for t, e in self.events]
+        await self.conn.execute(INSERT_OUTBOX, *(list(c) for c in zip(*rows, strict=True)))
         self.events.clear()
 
 

@@ -32,13 +32,23 @@ def uuid7_ms(value: uuid.UUID | str) -> int:
     return u.int >> 80
 
 
+def _uuid7_ms_of(text: str) -> int | None:
+    """The milliseconds of a UUIDv7 written as 36 or 32 hex digits, else None. Checked by shape
+    before parsing: most causes (`<event id>:<transfer id>`, `req_...`) are not UUIDs, and a
+    failed parse costs an exception per derived id."""
+    if not ((len(text) == 36 and text[14] == "7") or (len(text) == 32 and text[12] == "7")):
+        return None
+    try:
+        u = uuid.UUID(text)
+    except ValueError:
+        return None
+    return u.int >> 80 if u.version == 7 else None
+
+
 def derived_id(cause: uuid.UUID | str, purpose: str) -> uuid.UUID:
     cause_s = str(cause)
     digest = hashlib.sha256(f"{cause_s}|{purpose}".encode()).digest()
-    try:
-        ms = uuid7_ms(cause_s) if uuid.UUID(cause_s).version == 7 else None
-    except ValueError:
-        ms = None
+    ms = _uuid7_ms_of(cause_s)
     # A cause without a timestamp still yields the same id every time.
     return _uuid7_from(ms if ms is not None else int.from_bytes(digest[10:16], "big"), digest)
 

@@ -6,7 +6,8 @@ import hashlib
 import json
 from typing import Any
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
@@ -88,13 +89,17 @@ def router(service: Service) -> APIRouter:
             headers={"Location": location, "Retry-After": RETRY_AFTER_SECONDS},
         )
 
-    @api.post("/v1/calls", status_code=202, response_model=CallAccepted, tags=["calls"])
-    async def create_call(
-        req: CallRequest,
-        request: Request,
-        idempotency_key: str | None = Header(None, alias="Idempotency-Key"),
-    ) -> JSONResponse:
+    @api.post(
+        "/v1/calls",
+        status_code=202,
+        response_model=CallAccepted,
+        tags=["calls"],
+        openapi_extra=_documented(CallRequest.model_json_schema()),
+    )
+    async def create_call(request: Request) -> JSONResponse:
         """Accept a call; its outcome is delivered to `webhook_url` and readable at Location."""
+        req = _parsed(await request.body())
+        idempotency_key = request.headers.get("idempotency-key")
         caller = await keys.authenticate(service.pool, request)
         rid, fresh = await accept_call(service, writer, caller, req, idempotency_key, "v1")
         # The body of CallAccepted (documented as the response model), without building one.
@@ -102,11 +107,12 @@ def router(service: Service) -> APIRouter:
             rid, {"request_id": rid, "status": "accepted", "status_url": f"/v1/calls/{rid}"}, fresh
         )
 
-    @api.post("/internal/call", status_code=202, tags=["seed-compatible"])
-    async def internal_call(
-        request: Request, idempotency_key: str | None = Header(None, alias="Idempotency-Key")
-    ) -> JSONResponse:
+    @api.post(
+        "/internal/call", status_code=202, tags=["seed-compatible"], openapi_extra=_documented()
+    )
+    async def internal_call(request: Request) -> JSONResponse:
         """`{"api_id_public", "method", "path", "params": {..., "webhook_url"}}`."""
+        idempotency_key = request.headers.get("idempotency-key")
         caller = await keys.authenticate(service.pool, request)
         body = await _json_object(request)
         params = body.get("params") or {}
@@ -122,14 +128,15 @@ def router(service: Service) -> APIRouter:
         )
         return accepted(rid, {"result": {"requestId": rid}}, fresh)
 
-    @api.post("/api/{mode}/api/{slug}", status_code=202, tags=["seed-compatible"])
-    async def api_path_call(
-        mode: str,
-        slug: str,
-        request: Request,
-        idempotency_key: str | None = Header(None, alias="Idempotency-Key"),
-    ) -> JSONResponse:
+    @api.post(
+        "/api/{mode}/api/{slug}",
+        status_code=202,
+        tags=["seed-compatible"],
+        openapi_extra=_documented(),
+    )
+    async def api_path_call(mode: str, slug: str, request: Request) -> JSONResponse:
         """A flat JSON body holding `webhook_url`, with `X-Consumer-Key`."""
+        idempotency_key = request.headers.get("idempotency-key")
         if mode not in ("demo", "production"):
             raise Problem(404, "not-found", "Not found", "mode must be demo or production")
         caller = await keys.authenticate(service.pool, request)
@@ -146,6 +153,38 @@ def router(service: Service) -> APIRouter:
         return accepted(rid, {"requestId": rid}, fresh)
 
     return api
+
+
+# The call routes read their body and Idempotency-Key themselves: FastAPI's dependency solving
+# for a body model and a header cost ~85 us a request, more than the rest of accepting a call
+# bar the database. This documents them as FastAPI would.
+IDEMPOTENCY_KEY_PARAMETER = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+    "description": "Retrying with the same key and body answers 200 with the first call's id.",
+}
+
+
+def _documented(body_schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    doc: dict[str, Any] = {"parameters": [IDEMPOTENCY_KEY_PARAMETER]}
+    if body_schema is not None:
+        doc["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": body_schema}},
+        }
+    return doc
+
+
+def _parsed(body: bytes) -> CallRequest:
+    """The `/v1/calls` body, or the 422 FastAPI would have answered for it."""
+    try:
+        return CallRequest.model_validate_json(body)
+    except ValidationError as e:
+        raise RequestValidationError(
+            [{**err, "loc": ("body", *err["loc"])} for err in e.errors()]
+        ) from None
 
 
 async def _json_object(request: Request) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from postback_libs.events import (
     CallRouted,
     new_event,
 )
-from postback_routing.domain import Catalog, request_size, route
+from postback_routing.domain import Catalog, Limits, request_size, route
 
 pytestmark = pytest.mark.unit
 
@@ -335,3 +335,23 @@ def test_catalog_accounts():
         request(), cat.find("weather"), cat.accounts["acct_c"], default_fee_bps=0, now=NOW
     )
     rejected(result, "account_suspended")
+
+
+def test_limits_take_nothing_from_a_refused_call():
+    limits = Limits()
+    both = api(rate_limit_per_second=1, rate_limit_burst=2, quota_per_day=3)
+    outcomes = [limits.admit("acct_c", both, NOW + timedelta(seconds=s)) for s in (0, 0, 0, 1, 2)]
+    reasons = [o[0] if o else "admitted" for o in outcomes]
+    # The rate-limited third call takes no quota, so the call a second later still fits it.
+    assert reasons == ["admitted", "admitted", "rate_limited", "admitted", "quota_exceeded"]
+    assert limits.used[("acct_c", "api_1", f"day:{NOW:%Y-%m-%d}")] == 3
+
+
+def test_a_full_bucket_refilled_at_the_epoch_reads_as_a_fresh_one():
+    limited = api(rate_limit_per_second=0.5, rate_limit_burst=3)
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    fresh, stored = Limits(), Limits(buckets={("acct_c", "api_1"): (3.0, epoch)})
+    for s in (0, 0, 0, 0, 1, 2, 5):
+        at = NOW + timedelta(seconds=s)
+        assert fresh.admit("acct_c", limited, at) == stored.admit("acct_c", limited, at)
+    assert fresh.buckets == stored.buckets

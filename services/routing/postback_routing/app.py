@@ -6,15 +6,20 @@ from the outcomes on the calls topic this replica reads."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
+
+from opentelemetry.trace import SpanKind
 
 from postback_libs.consumer import Handlers
 from postback_libs.events import (
     ACCOUNTS,
     CALLS,
     CATALOG,
+    ApiState,
     CallCompleted,
     CallFailed,
+    CallRejected,
     CallRequested,
     CallRouted,
     CloudEvent,
@@ -23,10 +28,51 @@ from postback_libs.follower import TopicFollower
 from postback_libs.outbox import UnitOfWork
 from postback_libs.runtime import Service
 from postback_libs.settings import Settings
+from postback_libs.telemetry import current_traceparent, span_from
 from postback_routing import limits
-from postback_routing.domain import Catalog, UpstreamHealth, reject, route
+from postback_routing.domain import Catalog, UpstreamHealth, limited, reject, route
 
 UNHEALTHY_OUTCOMES = {"owner_unreachable", "owner_error"}
+
+
+@dataclass
+class Decided:
+    """A call routed by a handler, waiting for the batch to take its limits."""
+
+    event: CloudEvent
+    req: CallRequested
+    api: ApiState | None
+    decision: CallRouted | CallRejected
+    traceparent: str | None
+
+
+def decided(uow: UnitOfWork) -> list[Decided]:
+    found: list[Decided] = uow.scratch.setdefault("decided", [])
+    return found
+
+
+async def admit_and_emit(uow: UnitOfWork) -> None:
+    """Take the batch's rate limits and quotas under one set of row locks, in event order, and
+    emit each call's outcome in event order, in its own trace."""
+    calls = decided(uow)
+    to_admit = [
+        (c, c.api)
+        for c in calls
+        if isinstance(c.decision, CallRouted) and c.api is not None and limited(c.api)
+    ]
+    if to_admit:
+        held = await limits.lock(
+            uow.conn, [(c.req.consumer_id, api, c.event.time) for c, api in to_admit]
+        )
+        for c, api in to_admit:
+            refusal = held.admit(c.req.consumer_id, api, c.event.time)
+            if refusal is not None:
+                c.decision = reject(c.req, *refusal)
+        await limits.save(uow.conn, held)
+    for c in calls:
+        with span_from(c.traceparent, "routing emit", SpanKind.PRODUCER):
+            uow.emit(c.decision, cause=c.event.id)
+    calls.clear()
 
 
 def build(settings: Settings) -> Service:
@@ -37,7 +83,7 @@ def build(settings: Settings) -> Service:
     accounts = TopicFollower(
         settings.kafka_bootstrap, settings.topic(ACCOUNTS.name), catalog.apply_account
     )
-    handlers = Handlers("routing", CALLS.name)
+    handlers = Handlers("routing", CALLS.name, after_batch=admit_and_emit)
 
     @handlers.on(CallRequested)
     async def route_call(event: CloudEvent, req: CallRequested, uow: UnitOfWork) -> None:
@@ -60,11 +106,7 @@ def build(settings: Settings) -> Service:
             now=now,
             unhealthy=health.unhealthy(now),
         )
-        if isinstance(decision, CallRouted) and api is not None:
-            refusal = await limits.admit(uow.conn, req.consumer_id, api, event.time)
-            if refusal is not None:
-                decision = reject(req, *refusal)
-        uow.emit(decision, cause=event.id)
+        decided(uow).append(Decided(event, req, api, decision, current_traceparent()))
 
     @handlers.on(CallCompleted, CallFailed)
     async def note_upstream_health(

@@ -131,6 +131,56 @@ def quota_periods(api: ApiState, at: datetime) -> list[tuple[str, int]]:
     return periods
 
 
+BucketKey = tuple[str, str]  # (consumer id, api id)
+QuotaKey = tuple[str, str, str]  # (consumer id, api id, period)
+
+
+def burst_of(api: ApiState) -> int:
+    return api.rate_limit_burst or max(1, int(api.rate_limit_per_second or 1))
+
+
+def limited(api: ApiState) -> bool:
+    return (
+        api.rate_limit_per_second is not None
+        or api.quota_per_day is not None
+        or api.quota_per_month is not None
+    )
+
+
+@dataclass
+class Limits:
+    """The buckets and quota counters a batch's calls touch, as read under their row locks.
+    `admit` takes one call's token and quota units, so admitting a batch's calls in event order
+    gives what admitting them one transaction at a time would. A key not read yet is a fresh
+    row: a full bucket, an unused quota."""
+
+    buckets: dict[BucketKey, tuple[float, datetime]] = field(default_factory=dict)
+    used: dict[QuotaKey, int] = field(default_factory=dict)
+
+    def admit(
+        self, consumer_id: str, api: ApiState, at: datetime
+    ) -> tuple[RejectReason, str] | None:
+        """None if admitted, else why not. Nothing is taken from a refused call, but a
+        refused call's refill still counts (as it did when the row was written back)."""
+        periods = [((consumer_id, api.api_id, p), p, n) for p, n in quota_periods(api, at)]
+        for key, period, limit in periods:
+            if self.used.setdefault(key, 0) >= limit:
+                return "quota_exceeded", f"{limit} calls per {period.split(':')[0]} used"
+        if api.rate_limit_per_second is not None:
+            burst = burst_of(api)
+            bucket = (consumer_id, api.api_id)
+            tokens, refilled_at = self.buckets.get(bucket, (float(burst), at))
+            ok, tokens, refilled_at = take_token(
+                tokens, refilled_at, at, api.rate_limit_per_second, burst
+            )
+            self.buckets[bucket] = (tokens, refilled_at)
+            if not ok:
+                return "rate_limited", f"{api.rate_limit_per_second:g} calls/s, burst {burst}"
+        for key, _, _ in periods:
+            self.used[key] += 1
+        return None
+
+
 def route(
     req: CallRequested,
     api: ApiState | None,

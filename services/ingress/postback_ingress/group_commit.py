@@ -156,16 +156,23 @@ class CallWriter:
         return await asyncio.shield(pending.outcome)
 
     async def _drain(self) -> None:
-        while self._waiting:
-            batch = self._waiting[: self.max_batch]
-            del self._waiting[: self.max_batch]
-            try:
-                await self._write(batch)
-            except Exception:
-                log.exception("accepting a batch of calls failed", calls=len(batch))
-            finally:  # whatever is not settled by now is not known to be durable
-                for p in batch:
-                    p.settle(AcceptFailed())
+        try:
+            while self._waiting:
+                batch = self._waiting[: self.max_batch]
+                del self._waiting[: self.max_batch]
+                try:
+                    await self._write(batch)
+                except Exception:
+                    log.exception("accepting a batch of calls failed", calls=len(batch))
+                finally:  # whatever is not settled by now is not known to be durable
+                    for p in batch:
+                        p.settle(AcceptFailed())
+        finally:
+            # As the loop ends, not in a done callback: a call queued in between would find
+            # this writer still counted, start none, and wait for a write that never comes.
+            task = asyncio.current_task()
+            if task is not None:
+                self._writers.discard(task)
 
     async def _write(self, batch: list[_Pending]) -> None:
         first: dict[Key, _Pending] = {}  # the request of each key that may insert

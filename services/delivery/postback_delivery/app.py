@@ -49,8 +49,9 @@ def build(settings: Settings) -> Service:
         await http["session"].close()
 
     # What a batch queues is claimed by this process as soon as the batch commits; other
-    # replicas find it on their next idle poll.
+    # replicas find it on their next idle poll. The calls batch starts some itself.
     wake = dispatcher.wake.set
-    for make in (handlers.calls, handlers.ledger, handlers.endpoints, handlers.commands):
+    service.consume(handlers.calls(wake, dispatcher))
+    for make in (handlers.ledger, handlers.endpoints, handlers.commands):
         service.consume(make(wake))
     return service

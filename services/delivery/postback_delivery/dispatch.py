@@ -1,5 +1,6 @@
-"""Sending: the dispatcher claims due messages ahead of need, `concurrency` workers sign and
-post them, and each outcome goes to the recorder without waiting for its commit.
+"""Sending: the dispatcher claims due messages ahead of need (and takes those the calls batch
+started itself, decision 16), `concurrency` workers sign and post them, and each outcome goes
+to the recorder without waiting for its commit.
 
 Database latency stays off the HTTP path: claims are prefetched in batches and outcomes are
 committed in batches behind the workers. What is claimed but not yet recorded is bounded
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import time
 from collections.abc import Callable, Coroutine
@@ -110,13 +112,34 @@ class Dispatcher:
         self.idle_poll_seconds = idle_poll_seconds
         self.wake = asyncio.Event()
         self.outstanding = 0  # claimed, not yet recorded
+        self._starved = False  # the last claim was cut short by room: rows may be waiting
         self._ready: asyncio.Queue[Claimed] = asyncio.Queue()
         self._stopping = False
         self._workers: list[asyncio.Task[None]] = []
 
+    def room(self) -> int:
+        """How many more claims this dispatcher takes now (none once it is stopping)."""
+        return 0 if self._stopping else max(0, self.max_outstanding - self.outstanding)
+
+    def hand_off(self, started: list[Claimed]) -> None:
+        """Claims a committed consumer batch took itself (outcomes.py). Consumers stop before
+        the dispatcher drains, so none arrives after: `drain` hands back what is unstarted."""
+        self.outstanding += len(started)
+        for c in started:
+            self._ready.put_nowait(c)
+
     def _settled(self) -> None:
         self.outstanding -= 1
         self.wake.set()
+
+    def _recorded(self, outcome: Outcome) -> None:
+        self.outstanding -= 1
+        # A claim that finds nothing costs a transaction: wake only when room came free for
+        # rows left waiting, or the outcome may have made rows due (an endpoint's held
+        # messages, an exhaustion announced). Other rows coming due are found by the poll.
+        c = outcome.claimed
+        if self._starved or c.endpoint_id is not None or outcome.decision.status == "exhausted":
+            self.wake.set()
 
     async def _work(self) -> None:
         while True:
@@ -132,7 +155,7 @@ class Dispatcher:
                 log.error("attempt crashed", error=repr(e), delivery_id=claimed.delivery_id)
                 self._settled()
                 continue
-            self.recorder.submit(outcome, self._settled)
+            self.recorder.submit(outcome, functools.partial(self._recorded, outcome))
 
     async def run(self) -> None:
         self._workers = [
@@ -151,6 +174,7 @@ class Dispatcher:
                 claimed: list[Claimed] = []
                 if room >= self.min_claim or (room > 0 and self.outstanding == 0):
                     claimed = await self.queue.claim(room)
+                self._starved = len(claimed) >= room
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
                 log.warning("claiming failed", error=repr(e))
                 await asyncio.sleep(1.0)

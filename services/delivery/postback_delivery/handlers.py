@@ -7,7 +7,9 @@
 * `postback.webhooks`: the endpoints view (state, enabled, deleted);
 * `postback.deliveries`: resend and recover requests from ingress.
 
-Every handler runs in its consumer group's transaction, with the inbox and the outbox. A batch
+Every handler runs in its consumer group's transaction, with the inbox and the outbox. The calls
+batch starts the messages to calls' own webhook_urls this process has room for and hands them
+to its dispatcher once it has committed (decision 16). A batch
 that may have queued messages wakes this process's dispatcher once it has committed; other
 replicas find the rows on their next short poll (no NOTIFY: its commit-time lock would
 serialise every commit in the database)."""
@@ -18,7 +20,9 @@ from collections.abc import Callable
 from typing import Any
 
 from postback_delivery import domain, store
+from postback_delivery.dispatch import Dispatcher
 from postback_delivery.outcomes import CallBatch, apply_call_batch
+from postback_delivery.store import Claimed
 from postback_delivery.subscriptions import Message, destinations, enqueue, record_state
 from postback_libs.consumer import Handlers
 from postback_libs.events import (
@@ -57,8 +61,23 @@ def message_id(cause: str, purpose: str = "webhook") -> str:
 Wake = Callable[[], None]
 
 
-def calls(wake: Wake) -> Handlers:
-    h = Handlers("delivery", CALLS.name, after_batch=apply_call_batch, after_commit=wake)
+def calls(wake: Wake, dispatcher: Dispatcher) -> Handlers:
+    # What the batch being written started itself and how many it left to the claim; a failed
+    # batch's are dropped when the next batch overwrites them (its rows were never committed).
+    started: list[Claimed] = []
+    waiting = [0]
+
+    async def apply(uow: UnitOfWork) -> None:
+        lease = dispatcher.queue.lease
+        started[:], waiting[0] = await apply_call_batch(uow, dispatcher.room(), lease)
+
+    def committed() -> None:
+        dispatcher.hand_off(started)
+        started.clear()
+        if waiting[0]:
+            wake()
+
+    h = Handlers("delivery", CALLS.name, after_batch=apply, after_commit=committed)
 
     @h.on(
         CallRequested,

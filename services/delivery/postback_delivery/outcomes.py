@@ -8,15 +8,21 @@ delivery process's time (profiled under `bench/delivery.py`). Instead the handle
 the batch's events, and `apply` runs once, as the consumer's after-batch hook, just before the
 batch's transaction writes its outbox and commits: a handful of set-based statements for the
 whole batch, in the same transaction as the inbox, so the effects still happen exactly once.
+
+Messages to a call's own webhook_url (no endpoint, so no rate limit, cap, FIFO or circuit to
+admit them through) are started by the same insert, as many as the dispatcher has room for,
+and handed to it once the batch commits: no claim round trip, no wait for a poll.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from postback_delivery import domain
+from postback_delivery.store import Claimed
 from postback_delivery.subscriptions import (
     Destination,
     Message,
@@ -140,6 +146,9 @@ class CallBatch:
     def __init__(self, uow: UnitOfWork) -> None:
         self.uow = uow
         self.events: list[tuple[CloudEvent, EventData]] = []
+        self.start, self.lease = 0, 0.0  # how many messages to start, and their lease
+        self.started: list[Claimed] = []
+        self.waiting = 0  # messages queued for the dispatcher's claim
 
     @classmethod
     def of(cls, uow: UnitOfWork) -> CallBatch:
@@ -217,6 +226,15 @@ class CallBatch:
                 rows += [(delivery_id(msg.message_id, d), msg, d, event.id) for d in to]
         if not rows:
             return
+        # A call's own webhook_url has no endpoint limits to admit it through: started here,
+        # as `Queue.claim` would (decision 16). Subscribed endpoints' rows go through the claim.
+        room = self.start
+        start: list[bool] = []
+        for _, _, dest, _ in rows:
+            starts = room > 0 and dest.endpoint_id is None
+            room -= starts
+            start.append(starts)
+        claimed_at = time.monotonic()  # before the lease is taken: `can_start` errs early
         inserted = await conn.fetch(
             ENQUEUE_MANY,
             [r[0] for r in rows],
@@ -227,38 +245,73 @@ class CallBatch:
             [r[1].body for r in rows],
             [r[2].endpoint_id for r in rows],
             [r[2].url for r in rows],
+            start,
+            self.lease,
         )
-        fresh = {r["delivery_id"] for r in inserted}
+        fresh = {r["delivery_id"]: r for r in inserted}
         for dlv, msg, dest, cause in rows:
-            if dlv in fresh:
-                self.uow.emit(
-                    DeliveryScheduled(
+            row = fresh.get(dlv)
+            if row is None:
+                continue
+            self.uow.emit(
+                DeliveryScheduled(
+                    delivery_id=dlv,
+                    message_id=msg.message_id,
+                    request_id=msg.request_id,
+                    endpoint_id=dest.endpoint_id,
+                    account_id=msg.account_id,
+                    message_type=msg.event_type,
+                    url=dest.url,
+                ),
+                cause=str(derived_id(cause, dlv)),
+            )
+            if row["status"] != "delivering":
+                self.waiting += 1
+            else:
+                self.started.append(
+                    Claimed(
                         delivery_id=dlv,
                         message_id=msg.message_id,
                         request_id=msg.request_id,
-                        endpoint_id=dest.endpoint_id,
                         account_id=msg.account_id,
-                        message_type=msg.event_type,
+                        endpoint_id=None,
                         url=dest.url,
-                    ),
-                    cause=str(derived_id(cause, dlv)),
+                        event_type=msg.event_type,
+                        body=msg.body,
+                        attempts=1,
+                        retry_base=0,
+                        created_at=row["created_at"],
+                        claimed_at=claimed_at,
+                    )
                 )
 
 
-# Every message of the batch at once: per-row message fields, unlike ENQUEUE.
+# Every message of the batch at once: per-row message fields, unlike ENQUEUE. Rows marked to
+# start are leased as START leases them; the lease runs from the statement's clock, not the
+# batch's, so that it is never shorter than `Queue.can_start` assumes.
 ENQUEUE_MANY = """
 INSERT INTO deliveries (delivery_id, message_id, request_id, account_id, event_type, body,
-                        endpoint_id, url, status, next_attempt_at)
-SELECT u.*, 'pending', now()
+                        endpoint_id, url, status, attempts, lease_until, next_attempt_at)
+SELECT u.id, u.message_id, u.request_id, u.account_id, u.event_type, u.body, u.endpoint_id, u.url,
+    CASE WHEN u.start THEN 'delivering' ELSE 'pending' END, u.start::int,
+    CASE WHEN u.start THEN clock_timestamp() + make_interval(secs => $10) END, now()
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bytea[],
-            $7::text[], $8::text[])
-    AS u(id, message_id, request_id, account_id, event_type, body, endpoint_id, url)
+            $7::text[], $8::text[], $9::boolean[])
+    AS u(id, message_id, request_id, account_id, event_type, body, endpoint_id, url, start)
 ON CONFLICT DO NOTHING
-RETURNING delivery_id
+RETURNING delivery_id, status, created_at
 """
 
 
-async def apply_call_batch(uow: UnitOfWork) -> None:
+async def apply_call_batch(
+    uow: UnitOfWork, start: int = 0, lease: float = 0.0
+) -> tuple[list[Claimed], int]:
+    """Apply the batch collected for `uow`, starting up to `start` messages to calls' own
+    webhook_urls with a lease of `lease` seconds; returns those started, to be handed to the
+    dispatcher once the batch has committed, and how many it queued for the claim."""
     batch: CallBatch | None = uow.scratch.get("calls")
-    if batch is not None:
-        await batch.apply()
+    if batch is None:
+        return [], 0
+    batch.start, batch.lease = start, lease
+    await batch.apply()
+    return batch.started, batch.waiting

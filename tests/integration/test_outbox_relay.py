@@ -9,27 +9,10 @@ import asyncpg
 from aiokafka.partitioner import murmur2
 
 from postback_libs.db import schema_for
-from postback_libs.events import CallRouted
 from postback_libs.outbox import OutboxRelay, new_producer, unit_of_work
-from tests.helpers import TopicReader, eventually
+from tests.helpers import TopicReader, call_routed, eventually
 
 SCHEMA = schema_for("routing")  # any service schema: the fixtures migrated them all
-
-
-def routed(request_id: str, n: int) -> CallRouted:
-    return CallRouted(
-        request_id=request_id,
-        consumer_id="acc_c",
-        owner_id="acc_o",
-        api_id="api_x",
-        mode="demo",
-        method="POST",
-        path=f"/{n}",
-        upstream_url="http://127.0.0.1:9/",
-        price=0,
-        fee_bps=0,
-        deadline="2030-01-01T00:00:00Z",
-    )
 
 
 async def test_the_relay_publishes_in_order_per_key_to_the_keys_partition(settings) -> None:
@@ -44,7 +27,7 @@ async def test_the_relay_publishes_in_order_per_key_to_the_keys_partition(settin
             for n in range(5):  # five transactions, each with an event for every key
                 async with unit_of_work(pool, "test", settings, relay.wake) as uow:
                     for key in keys:
-                        uow.emit(routed(key, n))
+                        uow.emit(call_routed("http://127.0.0.1:9/", request_id=key, path=f"/{n}"))
             await eventually(lambda: len(reader.raw) == 60, what="every event published")
             partitions = len(await producer.partitions_for(settings.topic("postback.calls")))
             for key in keys:

@@ -67,7 +67,7 @@ class Settings(BaseSettings):
         10_000, ge=1000, description="How soon a dead consumer's partitions move to another."
     )
     kafka_fetch_max_wait_ms: int = Field(
-        100, ge=1, description="Longest wait of an empty fetch; bounds each hop's latency."
+        100, ge=1, description="Longest wait of a fetch on a quiet topic (Kafka answers sooner)."
     )
     handler_retries: int = Field(3, ge=0, description="Attempts before an event goes to the DLQ.")
     inbox_retention_days: int = Field(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
+from pathlib import Path
 
 import psutil
 
@@ -24,7 +25,8 @@ def classify(cmdline: list[str]) -> tuple[str, bool] | None:
         return f"harness: {line.split('-m bench.', 1)[1].split()[0]}", False
     if cmdline and cmdline[0].endswith("k6"):
         return "k6 (load generator)", False
-    if cmdline and cmdline[0].endswith("tansu"):
+    # The binary is named with its version (`tansu-v0.6.0-...`).
+    if cmdline and Path(cmdline[0]).name.startswith("tansu"):
         return "broker (tansu)", False
     if cmdline and cmdline[0].endswith("postgres"):
         return "postgres (all backends)", True

@@ -58,8 +58,14 @@ class UnitOfWork:
     # What a batch's handlers gather for the batch's `after_batch` hook to write at once.
     scratch: dict[str, Any] = field(default_factory=dict)
 
-    def emit(self, data: EventData, *, cause: str | None = None) -> CloudEvent:
-        event = new_event(data, source=self.source, cause=cause, traceparent=current_traceparent())
+    def emit(
+        self, data: EventData, *, cause: str | None = None, traceparent: str | None = None
+    ) -> CloudEvent:
+        """Write `data` as an event at commit. `traceparent`: the trace it continues when that
+        is not the current one (work gathered earlier and emitted together at the end)."""
+        event = new_event(
+            data, source=self.source, cause=cause, traceparent=traceparent or current_traceparent()
+        )
         self.events.append((self.settings.topic(data.topic.name), event))
         return event
 

@@ -132,7 +132,7 @@ async def test_outcomes_written_together_are_each_decided_on_their_own(pool, set
     def writes() -> Any:
         return unit_of_work(pool, "owner-adapter", settings, lambda: committed.append(1))
 
-    writer = OutcomeWriter(writes, settings, "owner-adapter")
+    writer = OutcomeWriter(writes)
     deadline = datetime.now(UTC) + timedelta(seconds=30)
 
     def answered(rid: str) -> Any:
@@ -187,9 +187,7 @@ async def test_outcomes_written_together_are_each_decided_on_their_own(pool, set
 
 async def test_a_failed_write_fails_its_own_outcome_and_not_the_others(pool, settings):
     bad, good = await open_dispatches(pool, settings, 2)
-    writer = OutcomeWriter(
-        lambda: unit_of_work(pool, "owner-adapter", settings), settings, "owner-adapter"
-    )
+    writer = OutcomeWriter(lambda: unit_of_work(pool, "owner-adapter", settings))
     results = await asyncio.gather(
         writer.finish(bad, "dispatching", "no-such-status"),  # the table refuses it
         writer.finish(

@@ -89,7 +89,7 @@ def build(settings: Settings) -> Service:
 
     handlers.after_batch = write_intake
     handlers.after_commit = intake_committed
-    outcomes = OutcomeWriter(service.unit_of_work, settings, service.name)
+    outcomes = OutcomeWriter(service.unit_of_work)
     finish = outcomes.finish
 
     async def dispatch(row: Any) -> None:

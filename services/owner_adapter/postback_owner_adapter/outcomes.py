@@ -15,10 +15,9 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from postback_libs.events import CloudEvent, EventData, new_event
+from postback_libs.events import EventData
 from postback_libs.logging import get_logger
 from postback_libs.outbox import UnitOfWork
-from postback_libs.settings import Settings
 from postback_libs.telemetry import current_traceparent
 
 log = get_logger(__name__)
@@ -43,9 +42,10 @@ class Outcome:
     to_status: str
     digest: str | None
     retry_at: datetime | None
-    # Made by the caller, so each event carries its caller's trace, not the writer's.
-    events: list[tuple[str, CloudEvent]]
-    facts: list[tuple[str, CloudEvent]]
+    events: Sequence[EventData]
+    facts: Sequence[EventData]
+    # The caller's, so each event carries its caller's trace, not the writer's.
+    traceparent: str | None
     won: asyncio.Future[bool] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -55,19 +55,13 @@ class OutcomeWriter:
     def __init__(
         self,
         unit_of_work: Callable[[], AbstractAsyncContextManager[UnitOfWork]],
-        settings: Settings,
-        source: str,
         *,
         max_batch: int = MAX_BATCH,
     ) -> None:
-        self.unit_of_work, self.settings, self.source = unit_of_work, settings, source
+        self.unit_of_work = unit_of_work
         self.max_batch = max_batch
         self._waiting: list[Outcome] = []
         self._writer: asyncio.Task[None] | None = None
-
-    def _event(self, data: EventData) -> tuple[str, CloudEvent]:
-        event = new_event(data, source=self.source, traceparent=current_traceparent())
-        return self.settings.topic(data.topic.name), event
 
     async def finish(
         self,
@@ -82,15 +76,8 @@ class OutcomeWriter:
         """Move a dispatch on and emit its events, unless another outcome got there first.
         True once written, if this outcome won; raises if its write failed."""
         statuses = (from_status,) if isinstance(from_status, str) else from_status
-        made = [self._event(f) for f in facts]  # first: an attempt happens before its outcome
         outcome = Outcome(
-            request_id,
-            statuses,
-            to_status,
-            digest,
-            retry_at,
-            [self._event(e) for e in events],
-            made,
+            request_id, statuses, to_status, digest, retry_at, events, facts, current_traceparent()
         )
         self._waiting.append(outcome)
         if self._writer is None:
@@ -149,10 +136,9 @@ class OutcomeWriter:
                     [o.retry_at for o in batch],
                 )
             }
-            for o in batch:
-                uow.events.extend(o.facts)
-                if o.request_id in moved:
-                    uow.events.extend(o.events)
+            for o in batch:  # facts first: an attempt happens before its outcome
+                for data in (*o.facts, *(o.events if o.request_id in moved else ())):
+                    uow.emit(data, traceparent=o.traceparent)
         for o in batch:  # committed: now each caller may act on its result
             if not o.won.done():
                 o.won.set_result(o.request_id in moved)

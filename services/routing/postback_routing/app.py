@@ -9,8 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from opentelemetry.trace import SpanKind
-
 from postback_libs.consumer import Handlers
 from postback_libs.events import (
     ACCOUNTS,
@@ -28,7 +26,7 @@ from postback_libs.follower import TopicFollower
 from postback_libs.outbox import UnitOfWork
 from postback_libs.runtime import Service
 from postback_libs.settings import Settings
-from postback_libs.telemetry import current_traceparent, span_from
+from postback_libs.telemetry import current_traceparent
 from postback_routing import limits
 from postback_routing.domain import Catalog, UpstreamHealth, limited, reject, route
 
@@ -70,8 +68,7 @@ async def admit_and_emit(uow: UnitOfWork) -> None:
                 c.decision = reject(c.req, *refusal)
         await limits.save(uow.conn, held)
     for c in calls:
-        with span_from(c.traceparent, "routing emit", SpanKind.PRODUCER):
-            uow.emit(c.decision, cause=c.event.id)
+        uow.emit(c.decision, cause=c.event.id, traceparent=c.traceparent)
     calls.clear()
 
 

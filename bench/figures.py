@@ -14,6 +14,11 @@ TARGETS = {
     "ingress_share_of_bare": 0.60,
     "delivery_share_of_raw_client": 0.80,
     "service_peak_rss_mb": 200,
+    "settlement_calls_per_second": 2_000,
+    "projection_events_per_second": 20_000,
+    # A rebuild of at least this many events, in under this many seconds.
+    "rebuild_events": 1_000_000,
+    "rebuild_seconds": 60,
 }
 
 
@@ -186,6 +191,10 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
     who, rss = peak_rss(r)
     calls = sustained.get("calls_per_second")
     lost = sustained.get("lost")
+    settled = get_path(r, "settlement", "calls_settled_per_second")
+    applied = get_path(r, "projection", "events_per_second")
+    rebuilt = get_path(r, "projection", "rebuild") or {}
+    rebuilt_events, rebuilt_seconds = rebuilt.get("events"), rebuilt.get("seconds")
 
     def met(ok: bool | None) -> str:
         return "n/a" if ok is None else ("met" if ok else "not met")
@@ -219,6 +228,29 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
             "measured": f"{dl_share}",
             "status": met(
                 None if dl_share is None else dl_share >= TARGETS["delivery_share_of_raw_client"]
+            ),
+        },
+        {
+            "target": "settlement >= 2,000 calls/s (one process)",
+            "measured": f"{settled} calls/s",
+            "status": met(
+                None if settled is None else settled >= TARGETS["settlement_calls_per_second"]
+            ),
+        },
+        {
+            "target": "projection >= 20,000 events/s applied (one process)",
+            "measured": f"{applied} events/s",
+            "status": met(
+                None if applied is None else applied >= TARGETS["projection_events_per_second"]
+            ),
+        },
+        {
+            "target": "projection rebuild of 1,000,000 events < 60 s",
+            "measured": f"{rebuilt_events} events in {rebuilt_seconds} s",
+            "status": met(
+                None
+                if rebuilt_seconds is None or (rebuilt_events or 0) < TARGETS["rebuild_events"]
+                else rebuilt_seconds < TARGETS["rebuild_seconds"]
             ),
         },
         {

@@ -71,7 +71,8 @@ FULL = Plan(
     profile_seconds=20,
     delivery_messages=5_000,
     settlement_calls=10_000,
-    projection_calls=5_000,
+    # 1,000,000 events (7 a call): the rebuild the targets name, applied live first.
+    projection_calls=142_858,
 )
 
 QUICK = Plan(

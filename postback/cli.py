@@ -165,8 +165,8 @@ def projection_rebuild() -> None:
 
     result = asyncio.run(rebuild(get_settings(), progress))
     typer.echo(
-        f"read model rebuilt from {result['events']:,} events in {result['seconds']} s "
-        f"({', '.join(result['tables'])})"
+        f"read model rebuilt from {result['events']:,} events in {result['seconds']} s, "
+        f"swapped in within {result['swap_seconds']} s ({', '.join(result['tables'])})"
     )
 
 

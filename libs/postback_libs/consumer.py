@@ -1,8 +1,9 @@
 """Applying events from Kafka, effectively once.
 
 A batch of records is applied in one Postgres transaction: the event ids go into the inbox (so a
-redelivered event is recognised and skipped), the handlers' effects and the events they emit
-(outbox) commit with them, and only then is the Kafka offset committed. If the batch fails, each
+redelivered event is recognised and skipped; a group whose effects are idempotent by nature keeps
+no inbox), the handlers' effects and the events they emit (outbox) commit with them, and only
+then is the Kafka offset committed. If the batch fails, each
 event is retried on its own; one that keeps failing goes to the DLQ with its error, so no
 partition is ever stuck behind it. A lost database connection is not the event's fault: that is
 retried until the database is back, holding the partition rather than dead-lettering good events.
@@ -49,12 +50,17 @@ class Handlers:
         after_batch: BatchHook | None = None,
         after_commit: Callable[[], None] | None = None,
         typed: bool = True,
+        idempotent: bool = False,
     ) -> None:
         """`before_batch` runs first in each batch's transaction (a lock, say); `after_batch`
         runs last, before the commit (writing rows the handlers gathered in `uow.scratch`).
         `typed=False`: the handlers read the envelope only and get None for the payload (a read
-        model that keeps events as they came need not validate each one's data twice)."""
-        self.group, self.topic, self.typed = group, topic, typed
+        model that keeps events as they came need not validate each one's data twice).
+        `idempotent=True`: the effects are keyed by what the events carry (an event id, a
+        transfer id, a log position), so an event applied twice changes nothing and no inbox
+        row is written for it (one index insert per event saved)."""
+        self.group, self.topic = group, topic
+        self.typed, self.idempotent = typed, idempotent
         self.by_type: dict[str, Handler] = {}
         self.before_batch, self.after_batch = before_batch, after_batch
         # For work that must see the batch's rows: a wake-up sent before the commit is missed.
@@ -121,6 +127,10 @@ class BatchApplier:
         self._behind: dict[int, int] = {}
 
     async def apply(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
+        await self.write(await self.decode(records))
+
+    async def decode(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> list[Decoded]:
+        """The records this group handles, as events; an undecodable one goes to the DLQ."""
         decoded: list[Decoded] = []
         ignored: Counter[str] = Counter()  # counted per batch: most records are someone else's
         for record in records:
@@ -139,6 +149,10 @@ class BatchApplier:
                 await self.dead_letter(record, f"undecodable event: {e}", attempts=1)
         for type_, n in ignored.items():
             EVENTS_CONSUMED.labels(self.group, type_, "ignored").inc(n)
+        return decoded
+
+    async def write(self, decoded: list[Decoded]) -> None:
+        """Apply decoded events: in one transaction, or one by one if that fails."""
         if not decoded:
             return
         started = time.perf_counter()
@@ -171,32 +185,35 @@ class BatchApplier:
             uow = UnitOfWork(conn, self.source, self.settings)
             if self.handlers.before_batch is not None:
                 await self.handlers.before_batch(uow)
-            fresh = {
-                r["event_id"]
-                for r in await conn.fetch(
-                    "INSERT INTO inbox (consumer, event_id) SELECT $1, unnest($2::text[])"
-                    " ON CONFLICT DO NOTHING RETURNING event_id",
-                    self.group,
-                    [d.event.id for d in batch],
-                )
-            }
-            outcomes: list[tuple[str, str]] = []
+            fresh = None if self.handlers.idempotent else await self._record_in_inbox(conn, batch)
+            outcomes: Counter[tuple[str, str]] = Counter()
             for d in batch:
-                if d.event.id not in fresh:
-                    outcomes.append((d.event.type, "duplicate"))
-                    continue
-                fresh.discard(d.event.id)  # the same event twice in one batch: apply once
+                if fresh is not None:
+                    if d.event.id not in fresh:
+                        outcomes[(d.event.type, "duplicate")] += 1
+                        continue
+                    fresh.discard(d.event.id)  # the same event twice in one batch: apply once
                 uow.position = (d.record.partition, d.record.offset)
                 await self._handle(d, uow)
-                outcomes.append((d.event.type, "applied"))
+                outcomes[(d.event.type, "applied")] += 1
             if self.handlers.after_batch is not None:
                 await self.handlers.after_batch(uow)
             await uow.flush()
         self.on_commit()
         if self.handlers.after_commit is not None:
             self.handlers.after_commit()
-        for type_, outcome in outcomes:
-            EVENTS_CONSUMED.labels(self.group, type_, outcome).inc()
+        for (type_, outcome), n in outcomes.items():
+            EVENTS_CONSUMED.labels(self.group, type_, outcome).inc(n)
+
+    async def _record_in_inbox(self, conn: Any, batch: list[Decoded]) -> set[str]:
+        """The batch's event ids not handled before, now recorded as handled."""
+        rows = await conn.fetch(
+            "INSERT INTO inbox (consumer, event_id) SELECT $1, unnest($2::text[])"
+            " ON CONFLICT DO NOTHING RETURNING event_id",
+            self.group,
+            [d.event.id for d in batch],
+        )
+        return {r["event_id"] for r in rows}
 
     async def _handle(self, d: Decoded, uow: UnitOfWork) -> None:
         structlog.contextvars.bind_contextvars(event_id=d.event.id, subject=d.event.subject)

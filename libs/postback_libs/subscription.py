@@ -1,8 +1,9 @@
-"""One consumer group's loop: fetch a batch, apply it, commit its offsets, fetch the next.
+"""One consumer group's loop: fetch a batch, decode it, write it, commit its offsets.
 
-Offsets are committed only after the batch's effects are (the applier's transaction has
-committed; the commit then overlaps the next batch), so a crash or a rebalance redelivers a
-batch rather than losing it, and the applier's inbox recognises what was already applied. The
+Batches are written one after another, each in its own transaction; the next batch is fetched
+and decoded while the previous one's transaction runs. Offsets are committed only after the
+batch's effects are (the commit then overlaps the next batch), so a crash or a rebalance
+redelivers a batch rather than losing it, and the applier recognises what was already applied. The
 loop runs on aiokafka directly: a fetch returns as soon as records arrive, and waits on the
 broker, not on a timer, while the topic is quiet."""
 
@@ -42,8 +43,9 @@ class Subscription:
         )
         self._task: asyncio.Task[None] | None = None
         self._commit: asyncio.Task[None] | None = None
+        # The batch whose transaction is running, while the next one is fetched and decoded.
+        self._writing: tuple[Fetched, asyncio.Task[None]] | None = None
         self._stopping = False
-        self._applying = False
 
     async def start(self) -> None:
         """Join the group; batches flow once this returns."""
@@ -51,13 +53,14 @@ class Subscription:
         self._task = asyncio.create_task(self._run(), name=f"consume {self.applier.group}")
 
     async def stop(self) -> None:
-        """Finish the batch in hand (its offsets committed), then leave the group."""
+        """Finish the batch being written (its offsets committed), then leave the group. What
+        was fetched and not yet written is fetched again by whoever gets the partitions."""
         self._stopping = True
         if self._task is not None:
-            if not self._applying:
-                self._task.cancel()  # waiting for records: nothing in hand
+            self._task.cancel()  # writes run in their own task, shielded from this
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        await self._settle(None)
         if self._commit is not None:
             await self._commit
         await self.consumer.stop()
@@ -66,7 +69,9 @@ class Subscription:
         while not self._stopping:
             try:
                 fetched = await self.consumer.getmany(
-                    timeout_ms=IDLE_FETCH_MS, max_records=self.max_records
+                    # While a batch is being written, take only what is already here.
+                    timeout_ms=0 if self._writing else IDLE_FETCH_MS,
+                    max_records=self.max_records,
                 )
             except ConsumerStoppedError:
                 return
@@ -74,32 +79,39 @@ class Subscription:
                 log.warning("fetch failed", group=self.applier.group, error=repr(e))
                 await asyncio.sleep(1)
                 continue
-            if fetched:
-                self._applying = True
-                try:
-                    await self._apply(fetched)
-                finally:
-                    self._applying = False
+            if not fetched:
+                await self._settle(None)
+                continue
+            # Decoding is CPU work: it runs while the previous batch waits on Postgres.
+            decoded = await self.applier.decode([r for b in fetched.values() for r in b])
+            if await self._settle(fetched):
+                write = self.applier.write(decoded)
+                self._writing = fetched, asyncio.create_task(write)
 
-    async def _apply(
-        self, fetched: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
-    ) -> None:
-        records = [r for batch in fetched.values() for r in batch]
+    async def _settle(self, fetched_since: Fetched | None) -> bool:
+        """Wait for the batch being written and commit its offsets. If it failed, it and what
+        was fetched since are fetched again; returns whether it succeeded."""
+        if self._writing is None:
+            return True
+        fetched, write = self._writing
         try:
-            await self.applier.apply(records)
+            await asyncio.shield(write)
         except Exception as e:
             # Not applied (the database went away while stopping, say): fetch it again.
             log.warning("batch not applied", group=self.applier.group, error=repr(e))
-            for tp, batch in fetched.items():
+            self._writing = None
+            for tp, batch in {**(fetched_since or {}), **fetched}.items():
                 self.consumer.seek(tp, batch[0].offset)
             await asyncio.sleep(0.5)
-            return
-        # The commit runs while the next batch is fetched and applied; commits stay in order.
+            return False
+        self._writing = None
+        # The commit runs while the next batch is written; commits stay in order.
         if self._commit is not None:
-            await self._commit
+            await asyncio.shield(self._commit)
         offsets = {tp: batch[-1].offset + 1 for tp, batch in fetched.items()}
         self._commit = asyncio.create_task(self._commit_offsets(offsets))
-        self.applier.note_lag(records, self.consumer)
+        self.applier.note_lag([r for b in fetched.values() for r in b], self.consumer)
+        return True
 
     async def _commit_offsets(self, offsets: dict[TopicPartition, int]) -> None:
         try:

@@ -111,7 +111,7 @@ async def test_tiny_run_writes_a_complete_report(
 
     for row in r["ratios"]:
         assert {"figure", "value", "baseline", "baseline_value", "ratio"} <= set(row)
-    assert len(r["targets"]) == 5
+    assert len(r["targets"]) == 8
     assert all(t["status"] in ("met", "not met", "n/a") for t in r["targets"])
 
     md = md_path.read_text()

@@ -29,13 +29,13 @@ async def test_two_replicas_authorize_exactly_what_the_balance_covers(settings):
         for n, svc in enumerate(replicas):
             for applier in svc.appliers:
                 if applier.group == "settlement":
-                    original = applier.apply
+                    original = applier.write
 
-                    async def counting(records, original=original, n=n):
-                        applied[n] += len(records)
-                        await original(records)
+                    async def counting(decoded, original=original, n=n):
+                        applied[n] += len(decoded)
+                        await original(decoded)
 
-                    applier.apply = counting  # type: ignore[method-assign]
+                    applier.write = counting  # type: ignore[method-assign]
 
         credit = CreditRequested(
             credit_id=uid("cr"), account_id=consumer, amount=FUNDED_CALLS * PRICE

@@ -132,8 +132,10 @@ async def test_settlement_killed_mid_burst_loses_nothing_and_moves_nothing_twice
             )
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-            assert not sending.done(), "the burst ended before the kill; make it longer"
+            # What matters is that settlement had work in hand, not that the publisher did.
             killed_at = len({e.subject for e in calls.of_type("call.settled")})
+            captures = sum(o == "call.settled" for o in outcome_of.values())
+            assert killed_at < captures, "everything was settled before the kill; make it longer"
 
         with settlement_process(settings, log) as (proc, port):
             await sending

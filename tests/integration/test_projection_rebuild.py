@@ -10,10 +10,12 @@ import asyncpg
 
 from postback_delivery.app import build as delivery
 from postback_ingress.app import build as ingress
+from postback_libs.events import CallRequested, new_event
+from postback_libs.outbox import new_producer
 from postback_owner_adapter.app import build as owner_adapter
 from postback_projection.app import build as projection
 from postback_projection.app import purge_old_bodies
-from postback_projection.rebuild import rebuild
+from postback_projection.rebuild import Replay, rebuild
 from postback_routing.app import build as routing
 from postback_settlement.app import build as settlement
 from tests.helpers import (
@@ -178,3 +180,49 @@ async def test_retention_purges_results_but_keeps_status(settings):
         assert view["outcome"] == "completed"
         completed = [s for s in view["timeline"] if s["type"] == "call.completed"]
         assert "result" not in completed[0]["data"]
+
+
+async def _publish(settings, *events_data) -> None:
+    producer = new_producer(settings)
+    await producer.start()
+    try:
+        for data in events_data:
+            e = new_event(data, source="test")
+            await producer.send_and_wait(
+                settings.topic(data.topic.name),
+                value=e.to_bytes(),
+                key=e.subject.encode(),
+                headers=[("ce_type", e.type.encode())],
+            )
+    finally:
+        await producer.stop()
+
+
+async def test_events_arriving_while_the_rebuild_swaps_are_in_the_swapped_tables(
+    settings, monkeypatch
+):
+    """The rebuild holds the swap lock while it applies what arrived during the replay; its
+    own batches must not wait for that lock (they would wait for ever)."""
+    request = CallRequested(request_id="req_early", consumer_id="acc_c", api="echo")
+    await _publish(settings, request)
+    until_end = Replay.until_end
+    calls = 0
+
+    async def publish_during_the_swap(self, progress):
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the catch-up under the lock
+            await _publish(settings, request.model_copy(update={"request_id": "req_late"}))
+        await until_end(self, progress)
+
+    monkeypatch.setattr(Replay, "until_end", publish_during_the_swap)
+    result = await asyncio.wait_for(rebuild(settings, lambda *_: None), timeout=60)
+
+    assert calls == 2
+    assert result["events"] == 2
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        rows = await conn.fetch("SELECT request_id, status FROM projection.calls ORDER BY 1")
+    finally:
+        await conn.close()
+    assert [tuple(r) for r in rows] == [("req_early", "accepted"), ("req_late", "accepted")]

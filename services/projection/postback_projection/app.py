@@ -15,11 +15,12 @@ from postback_projection import calls, deliveries, ledger
 from postback_projection.calls import hold_swap_lock
 
 
-def handler_sets() -> list[Handlers]:
-    """Every consumer group of the projection; a rebuild replays the same ones."""
+def handler_sets(*, live: bool = True) -> list[Handlers]:
+    """Every consumer group of the projection; a rebuild replays the same ones. Live batches
+    hold the swap lock; the rebuild's own do not (it holds the lock while it finishes)."""
     sets = [calls.handlers(), ledger.handlers(), deliveries.handlers()]
     for handlers in sets:
-        handlers.before_batch = hold_swap_lock
+        handlers.before_batch = hold_swap_lock if live else None
     return sets
 
 

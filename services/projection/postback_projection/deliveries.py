@@ -103,7 +103,7 @@ async def _write(uow: UnitOfWork) -> None:
 
 
 def handlers() -> Handlers:
-    h = Handlers("projection-deliveries", DELIVERIES.name, after_batch=_write)
+    h = Handlers("projection-deliveries", DELIVERIES.name, after_batch=_write, idempotent=True)
 
     def upsert(
         uow: UnitOfWork,

@@ -51,6 +51,7 @@ class Handlers:
         after_commit: Callable[[], None] | None = None,
         typed: bool = True,
         idempotent: bool = False,
+        max_records: int | None = None,
     ) -> None:
         """`before_batch` runs first in each batch's transaction (a lock, say); `after_batch`
         runs last, before the commit (writing rows the handlers gathered in `uow.scratch`).
@@ -58,9 +59,10 @@ class Handlers:
         model that keeps events as they came need not validate each one's data twice).
         `idempotent=True`: the effects are keyed by what the events carry (an event id, a
         transfer id, a log position), so an event applied twice changes nothing and no inbox
-        row is written for it (one index insert per event saved)."""
+        row is written for it (one index insert per event saved). `max_records`: the most
+        records a batch holds, when not `POSTBACK_CONSUMER_MAX_RECORDS`."""
         self.group, self.topic = group, topic
-        self.typed, self.idempotent = typed, idempotent
+        self.typed, self.idempotent, self.max_records = typed, idempotent, max_records
         self.by_type: dict[str, Handler] = {}
         self.before_batch, self.after_batch = before_batch, after_batch
         # For work that must see the batch's rows: a wake-up sent before the commit is missed.

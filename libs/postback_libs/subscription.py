@@ -28,7 +28,7 @@ Fetched = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
 class Subscription:
     def __init__(self, applier: BatchApplier, settings: Settings, client_id: str) -> None:
         self.applier = applier
-        self.max_records = settings.consumer_max_records
+        self.max_records = applier.handlers.max_records or settings.consumer_max_records
         self.consumer = AIOKafkaConsumer(
             settings.topic(applier.handlers.topic),
             bootstrap_servers=settings.kafka_bootstrap,
@@ -39,7 +39,7 @@ class Subscription:
             session_timeout_ms=settings.kafka_session_timeout_ms,
             heartbeat_interval_ms=max(100, settings.kafka_session_timeout_ms // 4),
             fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
-            max_poll_records=settings.consumer_max_records,
+            max_poll_records=self.max_records,
         )
         self._task: asyncio.Task[None] | None = None
         self._commit: asyncio.Task[None] | None = None

@@ -66,6 +66,15 @@ async def checksums(dsn: str) -> dict[str, tuple[int, str]]:
         await conn.close()
 
 
+async def indexes(dsn: str) -> set[str]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch("SELECT indexdef FROM pg_indexes WHERE schemaname = 'projection'")
+        return {r["indexdef"] for r in rows}
+    finally:
+        await conn.close()
+
+
 async def stable_checksums(dsn: str) -> dict[str, tuple[int, str]]:
     """Checksums once the system has gone quiet (two readings a second apart agree)."""
     previous = await checksums(dsn)
@@ -120,11 +129,15 @@ async def test_rebuilt_read_model_equals_the_live_one(settings):
         assert before["calls"][0] == 12
         assert before["call_events"][0] > 12 * 4
 
+        indexes_before = await indexes(settings.database_url)
         lines = []
         result = await rebuild(settings, lambda applied, total: lines.append((applied, total)))
         assert result["events"] >= before["call_events"][0]
         assert lines[-1][0] == result["events"]
         assert await checksums(settings.database_url) == before
+        # Indexes the replay went without are built again before the swap.
+        assert await indexes(settings.database_url) == indexes_before
+        assert any("calls_by_consumer" in d for d in indexes_before)
         # The live projection keeps working on the swapped-in tables.
         r = await http.post(
             "/v1/calls",

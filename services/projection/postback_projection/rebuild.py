@@ -87,6 +87,23 @@ class Replay:
         await self.consumer.stop()
 
 
+SECONDARY_INDEXES = """
+SELECT c.relname AS name, pg_get_indexdef(i.indexrelid) AS definition
+FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+    JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = $1 AND NOT i.indisunique
+"""
+
+
+async def _drop_secondary_indexes(conn: Any, schema: str) -> list[str]:
+    """Drop the indexes no upsert needs; returns the statements that build them again. One
+    sorted build at the end costs less than keeping them up to date through the replay."""
+    rows = await conn.fetch(SECONDARY_INDEXES, schema)
+    for r in rows:
+        await conn.execute(f'DROP INDEX "{schema}"."{r["name"]}"')
+    return [r["definition"] for r in rows]
+
+
 async def _tables(conn: Any, schema: str) -> list[str]:
     rows = await conn.fetch(
         "SELECT table_name FROM information_schema.tables WHERE table_schema = $1"
@@ -107,9 +124,12 @@ async def rebuild(settings: Settings, progress: Progress) -> dict[str, Any]:
         await admin.execute(f'DROP SCHEMA IF EXISTS "{REBUILD}" CASCADE')
         await migrate(settings.database_url, REBUILD, "postback_projection")
         pool = await create_pool(settings.database_url, REBUILD)
+        deferred = await _drop_secondary_indexes(admin, REBUILD)
         replay = Replay(settings, pool, producer)
         await replay.start()
         await replay.until_end(progress)
+        for definition in deferred:
+            await admin.execute(definition)
         async with admin.transaction():
             # Live batches wait from here; the replay takes what arrived meanwhile, then the
             # tables change hands in this one transaction.

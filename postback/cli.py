@@ -163,7 +163,10 @@ def projection_rebuild() -> None:
             last[0] = time.monotonic()
             typer.echo(f"  replayed {applied:,} of {total:,} events")
 
-    result = asyncio.run(rebuild(get_settings(), progress))
+    from postback_libs.runtime import run_event_loop, tune_gc
+
+    tune_gc()  # a replay makes millions of short-lived objects, as a running service does
+    result = run_event_loop(rebuild(get_settings(), progress))
     typer.echo(
         f"read model rebuilt from {result['events']:,} events in {result['seconds']} s, "
         f"swapped in within {result['swap_seconds']} s ({', '.join(result['tables'])})"

@@ -9,7 +9,7 @@ import contextlib
 import gc
 import signal
 from collections.abc import Callable, Coroutine, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import uvicorn
@@ -28,9 +28,10 @@ from postback_libs.telemetry import TraceRequests, configure_tracing
 log = get_logger(__name__)
 
 Worker = Callable[[], Coroutine[Any, Any, None]]
+T = TypeVar("T")
 
 
-def _tune_gc() -> None:
+def tune_gc() -> None:
     """Once started: what the process built to run (modules, models, pools) moves out of the
     collector's way, and young collections come every 50,000 allocations instead of 700 (a
     consumed batch makes thousands of short-lived objects at once). Collector pauses were a
@@ -39,15 +40,14 @@ def _tune_gc() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
-def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
-    """Run a service's main coroutine on uvloop where it is installed (the asyncio loop's
+def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Run a process's main coroutine on uvloop where it is installed (the asyncio loop's
     socket and timer handling is a large share of a service's CPU), else on asyncio's."""
     try:
         import uvloop
     except ImportError:
-        asyncio.run(main)
-    else:
-        uvloop.run(main)
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 class _Server(uvicorn.Server):
@@ -185,7 +185,7 @@ class Service:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await self.start()
-        _tune_gc()
+        tune_gc()
         config = uvicorn.Config(
             self.app,
             host=self.settings.http_host,

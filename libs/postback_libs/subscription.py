@@ -3,9 +3,9 @@
 Batches are written one after another, each in its own transaction; the next batch is fetched
 and decoded while the previous one's transaction runs. Offsets are committed only after the
 batch's effects are (the commit then overlaps the next batch), so a crash or a rebalance
-redelivers a batch rather than losing it, and the applier recognises what was already applied. The
-loop runs on aiokafka directly: a fetch returns as soon as records arrive, and waits on the
-broker, not on a timer, while the topic is quiet."""
+redelivers a batch rather than losing it, and the applier recognises what was already
+applied. The loop runs on aiokafka directly: a fetch returns as soon as records arrive, and
+waits on the broker, not on a timer, while the topic is quiet."""
 
 from __future__ import annotations
 

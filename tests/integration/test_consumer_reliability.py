@@ -9,9 +9,12 @@ import json
 
 import asyncpg
 
-from postback_libs.consumer import purge_inbox
-from postback_libs.events import CallCompleted, CreditRequested
+from postback_libs.consumer import BatchApplier, Handlers, purge_inbox
+from postback_libs.db import create_pool
+from postback_libs.events import CALLS, CallCompleted, CallRequested, CreditRequested, new_event
 from postback_libs.metrics import EVENTS_CONSUMED
+from postback_libs.outbox import new_producer
+from postback_libs.subscription import Subscription
 from postback_settlement.app import build as settlement
 from tests.helpers import (
     TopicReader,
@@ -282,4 +285,71 @@ async def test_the_inbox_forgets_event_ids_past_its_retention(settings):
         kept = sorted(r["event_id"] for r in await pool.fetch("SELECT event_id FROM inbox"))
         assert kept == ["recent-0", "recent-1", "recent-2"]
     finally:
+        await pool.close()
+
+
+async def test_a_batch_that_fails_is_fetched_again_with_what_was_fetched_after_it(settings):
+    """With a backlog, the next batch is fetched and decoded while one is written. When that
+    write fails, both are fetched again, from every partition either came from, and each event
+    is applied once."""
+    first = [new_event(CallRequested(request_id=uid("r"), consumer_id="c", api="a"), source="t")
+             for _ in range(5)]  # fmt: skip
+    second = [new_event(CallRequested(request_id=uid("r"), consumer_id="c", api="a"), source="t")
+              for _ in range(5)]  # fmt: skip
+    applied: list[str] = []
+    handlers = Handlers(uid("group"), CALLS.name, max_records=len(first))
+
+    @handlers.on(CallRequested)
+    async def note(event, _payload, _uow) -> None:
+        applied.append(event.id)
+
+    decoded_batches = 0
+
+    class FailsOnce(BatchApplier):
+        failed = False
+
+        async def decode(self, records):
+            nonlocal decoded_batches
+            decoded_batches += 1
+            return await super().decode(records)
+
+        async def write(self, decoded):
+            if not FailsOnce.failed:
+                FailsOnce.failed = True
+                await eventually(lambda: decoded_batches >= 2, what="the next batch decoded")
+                raise OSError("the database went away")
+            await super().write(decoded)
+
+    async def publish_to(partition: int, events) -> None:
+        producer = new_producer(settings)
+        await producer.start()
+        try:
+            for e in events:
+                await producer.send_and_wait(
+                    settings.topic(CALLS.name),
+                    value=e.to_bytes(),
+                    key=e.subject.encode(),
+                    partition=partition,
+                    headers=[("ce_type", e.type.encode())],
+                )
+        finally:
+            await producer.stop()
+
+    pool = await create_pool(settings.database_url, "routing")
+    producer = new_producer(settings)
+    await producer.start()
+    subscription = Subscription(
+        FailsOnce(handlers, pool, settings, "test", producer), settings, "test"
+    )
+    await publish_to(0, first)
+    await publish_to(1, second)
+    try:
+        await subscription.start()
+        want = sorted(e.id for e in first + second)
+        await eventually(lambda: sorted(applied) == want, timeout=30, what="every event applied")
+        await asyncio.sleep(0.5)  # a second application would show up here
+        assert sorted(applied) == want
+    finally:
+        await subscription.stop()
+        await producer.stop()
         await pool.close()

@@ -153,3 +153,56 @@ async def test_a_failed_write_answers_no_call_202(settings):
         )
         await asyncio.sleep(0.5)  # let any (wrong) extra event arrive before comparing
         assert {e.subject for e in topic.of_type("call.requested")} == accepted
+
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PROBLEM = "application/problem+json"
+
+
+async def test_the_direct_path_answers_as_the_documented_route(settings):
+    """`POST /v1/calls` is handed straight to its endpoint, past FastAPI's router: it answers
+    as the route would, and its event continues the caller's trace."""
+    async with (
+        TopicReader(settings, CALLS.name) as topic,
+        running(settings, ingress) as (svc,),
+    ):
+        http = client(svc)
+        who = bearer(await create_account(http, ["consumer"]))
+        r = await http.post(
+            "/v1/calls",
+            json={"api": "svc", "params": {"n": 1}},
+            headers={**who, "traceparent": f"00-{TRACE_ID}-00f067aa0ba902b7-01"},
+        )
+        assert r.status_code == 202
+        rid = r.json()["request_id"]
+        assert r.json() == {
+            "request_id": rid,
+            "status": "accepted",
+            "status_url": f"/v1/calls/{rid}",
+        }
+        assert (r.headers["location"], r.headers["retry-after"]) == (f"/v1/calls/{rid}", "1")
+        await eventually(lambda: topic.of_type("call.requested"), what="call.requested")
+        [event] = topic.of_type("call.requested")
+        assert (event.subject, event.data["params"]) == (rid, {"n": 1})
+        assert event.traceparent.split("-")[1] == TRACE_ID
+
+        invalid = await http.post("/v1/calls", json={"params": {}}, headers=who)
+        not_json = await http.post("/v1/calls", content=b"{", headers={**who, "content-type": "x"})
+        anonymous = await http.post("/v1/calls", json={"api": "svc"})
+        bad_key = await http.post(
+            "/v1/calls", json={"api": "svc"}, headers={**who, "Idempotency-Key": "k" * 256}
+        )
+        for refused in (invalid, not_json):
+            assert (refused.status_code, refused.headers["content-type"]) == (422, PROBLEM)
+            assert refused.json()["type"] == "urn:postback:problem:validation-error"
+            assert refused.json()["instance"] == "/v1/calls"
+        assert invalid.json()["errors"][0]["location"] == "body.api"
+        assert (anonymous.status_code, anonymous.headers["content-type"]) == (401, PROBLEM)
+        assert anonymous.json()["type"] == "urn:postback:problem:unauthorized"
+        assert anonymous.headers["www-authenticate"] == 'Bearer realm="postback"'
+        assert bad_key.status_code == 400
+        assert bad_key.json()["type"] == "urn:postback:problem:invalid-idempotency-key"
+        # Other methods on the path still go through the router.
+        assert (await http.get("/v1/calls")).status_code == 401
+        assert (await http.put("/v1/calls", json={"api": "svc"}, headers=who)).status_code == 405
+        assert len(await _calls(settings)) == 1

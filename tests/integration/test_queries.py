@@ -55,11 +55,14 @@ async def test_calls_are_visible_to_their_consumer_and_owner_only(settings):
 
         async def settled():
             r = await http.get("/v1/calls", headers=bearer(owner), params={"role": "owner"})
-            return len(r.json()["data"]) == 5 and all(
-                c["status"] == "delivered" for c in r.json()["data"]
+            refused = (await http.get(f"/v1/calls/{failed}", headers=bearer(alice))).json()
+            return (
+                len(r.json()["data"]) == 5
+                and all(c["status"] == "delivered" for c in r.json()["data"])
+                and refused["outcome"] == "rejected"
             )
 
-        await eventually(settled, timeout=30, what="all calls delivered")
+        await eventually(settled, timeout=30, what="all calls delivered or rejected")
         alice_id = ids[alice["account_id"]][0]
         assert (await http.get(f"/v1/calls/{alice_id}", headers=bearer(alice))).status_code == 200
         assert (await http.get(f"/v1/calls/{alice_id}", headers=bearer(owner))).status_code == 200

@@ -15,7 +15,7 @@ def build(settings: Settings) -> Service:
         "Call slow APIs asynchronously: get 202 and a request id at once, receive the signed "
         "result on your webhook."
     )
-    service.app.include_router(calls.router(service))
+    calls.install(service)
     service.app.include_router(queries.router(service))
     service.app.include_router(accounts.router(service))
     service.app.include_router(catalog.router(service))

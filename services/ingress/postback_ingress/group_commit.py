@@ -152,8 +152,9 @@ class CallWriter:
             writer = asyncio.create_task(self._drain(), name="call-writer")
             self._writers.add(writer)
             writer.add_done_callback(self._writers.discard)
-        # Shielded: a request that goes away must not cancel the write of its batch.
-        return await asyncio.shield(pending.outcome)
+        # Not shielded: a request that goes away cancels only its own outcome (which `settle`
+        # then skips); its batch is written by the writer task all the same.
+        return await pending.outcome
 
     async def _drain(self) -> None:
         try:

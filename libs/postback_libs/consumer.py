@@ -3,10 +3,10 @@
 A batch of records is applied in one Postgres transaction: the event ids go into the inbox (so a
 redelivered event is recognised and skipped; a group whose effects are idempotent by nature keeps
 no inbox), the handlers' effects and the events they emit (outbox) commit with them, and only
-then is the Kafka offset committed. If the batch fails, each
-event is retried on its own; one that keeps failing goes to the DLQ with its error, so no
-partition is ever stuck behind it. A lost database connection is not the event's fault: that is
-retried until the database is back, holding the partition rather than dead-lettering good events.
+then is the Kafka offset committed. If the batch fails, each event is retried on its own; one
+that keeps failing goes to the DLQ with its error, so no partition is ever stuck behind it. A
+lost database connection is not the event's fault: that is retried until the database is back,
+holding the partition rather than dead-lettering good events.
 """
 
 from __future__ import annotations

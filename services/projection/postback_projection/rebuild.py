@@ -82,6 +82,7 @@ class Replay:
             progress(self.applied, max(total, self.applied))
             if not batches and not behind:
                 return
+        await asyncio.gather(*writing)
 
     async def stop(self) -> None:
         await self.consumer.stop()

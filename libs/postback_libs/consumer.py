@@ -172,8 +172,12 @@ class BatchApplier:
         last: dict[tuple[str, int], ConsumerRecord[bytes, bytes]] = {}
         for record in records:
             last[(record.topic, record.partition)] = record
+        assigned = consumer.assignment()
         for (topic, partition), record in last.items():
-            end = consumer.highwater(TopicPartition(topic, partition))
+            tp = TopicPartition(topic, partition)
+            if tp not in assigned:  # taken by a rebalance while its batch was written
+                continue
+            end = consumer.highwater(tp)
             if end is not None:
                 self._behind[partition] = max(0, end - record.offset - 1)
         self.events_behind = sum(self._behind.values())

@@ -100,8 +100,10 @@ class Subscription:
             # Not applied (the database went away while stopping, say): fetch it again.
             log.warning("batch not applied", group=self.applier.group, error=repr(e))
             self._writing = None
+            assigned = self.consumer.assignment()
             for tp, batch in {**(fetched_since or {}), **fetched}.items():
-                self.consumer.seek(tp, batch[0].offset)
+                if tp in assigned:  # else its new owner reads it from the committed offset
+                    self.consumer.seek(tp, batch[0].offset)
             await asyncio.sleep(0.5)
             return False
         self._writing = None

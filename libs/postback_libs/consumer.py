@@ -52,6 +52,7 @@ class Handlers:
         typed: bool = True,
         idempotent: bool = False,
         max_records: int | None = None,
+        background: bool = False,
     ) -> None:
         """`before_batch` runs first in each batch's transaction (a lock, say); `after_batch`
         runs last, before the commit (writing rows the handlers gathered in `uow.scratch`).
@@ -60,8 +61,11 @@ class Handlers:
         `idempotent=True`: the effects are keyed by what the events carry (an event id, a
         transfer id, a log position), so an event applied twice changes nothing and no inbox
         row is written for it (one index insert per event saved). `max_records`: the most
-        records a batch holds, when not `POSTBACK_CONSUMER_MAX_RECORDS`."""
+        records a batch holds, when not `POSTBACK_CONSUMER_MAX_RECORDS`. `background=True`: no
+        call waits on this group on its way to a webhook, so it fetches with the longer
+        `POSTBACK_KAFKA_BACKGROUND_FETCH_MAX_WAIT_MS`."""
         self.group, self.topic = group, topic
+        self.background = background
         self.typed, self.idempotent, self.max_records = typed, idempotent, max_records
         self.by_type: dict[str, Handler] = {}
         self.before_batch, self.after_batch = before_batch, after_batch

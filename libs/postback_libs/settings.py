@@ -69,6 +69,12 @@ class Settings(BaseSettings):
     kafka_fetch_max_wait_ms: int = Field(
         100, ge=1, description="Longest wait of a fetch on a quiet topic (Kafka answers sooner)."
     )
+    kafka_background_fetch_max_wait_ms: int = Field(
+        200,
+        ge=1,
+        description="The same, for consumers no call waits on (the read model, alerts, "
+        "operator commands): fewer fetches of quiet topics for the broker to answer.",
+    )
     handler_retries: int = Field(3, ge=0, description="Attempts before an event goes to the DLQ.")
     inbox_retention_days: int = Field(
         7,

@@ -38,7 +38,9 @@ class Subscription:
             auto_offset_reset="earliest",
             session_timeout_ms=settings.kafka_session_timeout_ms,
             heartbeat_interval_ms=max(100, settings.kafka_session_timeout_ms // 4),
-            fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
+            fetch_max_wait_ms=settings.kafka_background_fetch_max_wait_ms
+            if applier.handlers.background
+            else settings.kafka_fetch_max_wait_ms,
             max_poll_records=self.max_records,
         )
         self._task: asyncio.Task[None] | None = None

@@ -96,7 +96,7 @@ def calls(wake: Wake, dispatcher: Dispatcher) -> Handlers:
 
 
 def ledger(wake: Wake) -> Handlers:
-    h = Handlers("delivery-ledger", LEDGER.name, after_commit=wake)
+    h = Handlers("delivery-ledger", LEDGER.name, after_commit=wake, background=True)
 
     @h.on(BalanceLow)
     async def announce_low_balance(event: CloudEvent, low: BalanceLow, uow: UnitOfWork) -> None:
@@ -148,7 +148,7 @@ RECOVER = REQUEUE.format(
 
 
 def commands(wake: Wake) -> Handlers:
-    h = Handlers("delivery-commands", DELIVERIES.name, after_commit=wake)
+    h = Handlers("delivery-commands", DELIVERIES.name, after_commit=wake, background=True)
 
     async def requeued(uow: UnitOfWork, rows: list[Any], reason: Any, cause: str) -> None:
         for r in rows:

@@ -37,7 +37,7 @@ from postback_libs.events import (
     RetiredSecret,
 )
 from postback_libs.http import Problem
-from postback_libs.ids import uuid7
+from postback_libs.ids import uuid7_hex
 from postback_libs.outbound import AddressPolicy, guarded_session
 from postback_libs.outbox import UnitOfWork
 from postback_libs.runtime import Service
@@ -214,7 +214,7 @@ def router(service: Service) -> APIRouter:
         _check_url(str(body.url), guard)
         fields = body.model_dump(mode="json", exclude={"retry_policy"})
         state = EndpointState(
-            endpoint_id=f"ep_{uuid7().hex}",
+            endpoint_id=f"ep_{uuid7_hex()}",
             account_id=caller.account_id,
             **fields,
             **_policy_fields(body.retry_policy),
@@ -348,7 +348,7 @@ def router(service: Service) -> APIRouter:
         row = await load(caller, endpoint_id)
         state = EndpointState.model_validate_json(row["state"])
         now = datetime.now(UTC)
-        msg_id, timestamp = f"msg_{uuid7().hex}", int(now.timestamp())
+        msg_id, timestamp = f"msg_{uuid7_hex()}", int(now.timestamp())
         body = json.dumps(
             {"type": TEST_EVENT, "timestamp": now.isoformat().replace("+00:00", "Z"), "data": {}},
             separators=(",", ":"),
@@ -370,7 +370,7 @@ def router(service: Service) -> APIRouter:
         async with service.unit_of_work() as uow:
             uow.emit(
                 DeliveryAttempted(
-                    delivery_id=f"tst_{uuid7().hex}",
+                    delivery_id=f"tst_{uuid7_hex()}",
                     message_id=msg_id,
                     endpoint_id=endpoint_id,
                     url=state.url,
@@ -402,7 +402,7 @@ def router(service: Service) -> APIRouter:
             raise Problem(422, "invalid-time-range", "Invalid time range", "until <= since")
         row = await load(caller, endpoint_id)
         _require_enabled(EndpointState.model_validate_json(row["state"]))
-        recovery_id = f"rcv_{uuid7().hex}"
+        recovery_id = f"rcv_{uuid7_hex()}"
         async with service.unit_of_work() as uow:
             uow.emit(
                 DeliveryRecoverRequested(
@@ -616,7 +616,7 @@ def _attempt(r: Any) -> dict[str, Any]:
 def _disabled_endpoints() -> Handlers:
     """Delivery disables an endpoint (410, continuous failure) with `endpoint.disabled`;
     ingress, the endpoint's owner, records it and publishes the new state."""
-    h = Handlers("ingress-webhooks", DELIVERIES.name)
+    h = Handlers("ingress-webhooks", DELIVERIES.name, background=True)
 
     @h.on(EndpointDisabled)
     async def record_disable(event: CloudEvent, e: EndpointDisabled, uow: UnitOfWork) -> None:

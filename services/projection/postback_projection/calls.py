@@ -87,6 +87,8 @@ async def _write(uow: UnitOfWork) -> None:
 
 
 def handlers() -> Handlers:
-    calls = Handlers("projection", CALLS.name, after_batch=_write, typed=False, idempotent=True)
+    calls = Handlers(
+        "projection", CALLS.name, after_batch=_write, typed=False, idempotent=True, background=True
+    )
     calls.on(*[m for t, m in EVENT_TYPES.items() if t in STAGES])(_gather)
     return calls

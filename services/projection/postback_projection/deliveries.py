@@ -103,7 +103,13 @@ async def _write(uow: UnitOfWork) -> None:
 
 
 def handlers() -> Handlers:
-    h = Handlers("projection-deliveries", DELIVERIES.name, after_batch=_write, idempotent=True)
+    h = Handlers(
+        "projection-deliveries",
+        DELIVERIES.name,
+        after_batch=_write,
+        idempotent=True,
+        background=True,
+    )
 
     def upsert(
         uow: UnitOfWork,

@@ -129,7 +129,9 @@ def balance_changes(e: Movement) -> list[tuple[str, int, int]]:
 
 
 def handlers() -> Handlers:
-    ledger = Handlers("projection-ledger", LEDGER.name, after_batch=_write, idempotent=True)
+    ledger = Handlers(
+        "projection-ledger", LEDGER.name, after_batch=_write, idempotent=True, background=True
+    )
 
     @ledger.on(AccountCredited, AccountCorrected, TransferReserved, TransferPosted, TransferVoided)
     async def project_transfer(event: CloudEvent, e: Movement, uow: UnitOfWork) -> None:

@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from postback_libs.ids import derived_id, uuid7
+from postback_libs.ids import derived_id, new_event_id
 
 SPECVERSION = "1.0"
 CONTENT_TYPE = "application/cloudevents+json"
@@ -106,9 +106,9 @@ def new_event(
 ) -> CloudEvent:
     """Wrap `data` in an envelope. With a `cause` (the id of the event being handled) the id is
     derived from it, so a handler that runs twice emits the same event twice, not two events."""
-    event_id = derived_id(cause, data.event_type) if cause else uuid7()
+    event_id = str(derived_id(cause, data.event_type)) if cause else new_event_id()
     return CloudEvent(
-        id=str(event_id),
+        id=event_id,
         source=source,
         type=data.event_type,
         subject=data.key(),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import struct
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -17,7 +18,6 @@ from typing import Any
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
-from aiokafka.partitioner import DefaultPartitioner
 
 from postback_libs.db import lock_key
 from postback_libs.events import CONTENT_TYPE, CloudEvent, EventData, new_event
@@ -38,11 +38,35 @@ ORDER BY n
 """
 
 
+_M = 0x5BD1E995
+
+
+def murmur2(data: bytes) -> int:
+    """The Java client's murmur2 (what its and aiokafka's default partitioners hash a key
+    with), over 32-bit words at once: twice as fast as aiokafka's byte by byte, and run for
+    every new key a relay publishes."""
+    n = len(data)
+    h = 0x9747B28C ^ n
+    for k in struct.unpack_from(f"<{n >> 2}I", data):
+        k = (k * _M) & 0xFFFFFFFF
+        k = ((k ^ (k >> 24)) * _M) & 0xFFFFFFFF
+        h = ((h * _M) & 0xFFFFFFFF) ^ k
+    tail, at = n & 3, n & ~3
+    if tail:
+        if tail == 3:
+            h ^= data[at + 2] << 16
+        if tail >= 2:
+            h ^= data[at + 1] << 8
+        h = ((h ^ data[at]) * _M) & 0xFFFFFFFF
+    h = ((h ^ (h >> 13)) * _M) & 0xFFFFFFFF
+    return h ^ (h >> 15)
+
+
 @functools.lru_cache(maxsize=65_536)
 def _partition(key: bytes, partitions: tuple[int, ...]) -> int:
-    """The partition aiokafka's default partitioner (the Java client's murmur2) gives `key`;
-    remembered, since a relay sees the same ledger accounts and calls again and again."""
-    return DefaultPartitioner()(key, partitions, partitions)  # type: ignore[no-any-return]
+    """The partition the default partitioners give `key`; remembered, since a relay sees the
+    same ledger accounts and calls again and again."""
+    return partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
 
 
 @dataclass

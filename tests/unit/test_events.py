@@ -1,6 +1,7 @@
 """The event catalog: envelope round trips, derived ids, partition keys and published schemas."""
 
 import json
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -455,3 +456,28 @@ def test_event_time_round_trips_with_its_offset():
     at = datetime(2025, 6, 1, 12, 0, tzinfo=UTC) + timedelta(microseconds=123456)
     event = new_event(MINIMAL["call.accepted"], source="t", at=at)
     assert CloudEvent.from_bytes(event.to_bytes()).time == at
+
+
+@pytest.mark.parametrize(
+    ("cause", "purpose", "expected"),
+    [
+        (
+            "0193a6e2-d4f0-7c3b-9a1e-5f2d8c4b6a90",
+            "call.routed",
+            "0193a6e2-d4f0-7605-891a-6c5ea3ee6bbd",
+        ),
+        ("req_abc", "transfer", "9b67eacc-c687-74a2-bf2d-b14897b91dc6"),
+    ],
+)
+def test_derived_ids_stay_the_same_across_versions(cause, purpose, expected):
+    # A replay after an upgrade must emit the ids the earlier version emitted.
+    assert str(ids.derived_id(cause, purpose)) == expected
+
+
+def test_new_ids_are_uuid7_in_their_written_forms():
+    event_id, request_id = ids.new_event_id(), ids.new_request_id()
+    assert _is_uuid7(event_id) and str(uuid.UUID(event_id)) == event_id
+    assert request_id.startswith("req_") and _is_uuid7(request_id[4:])
+    assert len(request_id) == 36 and request_id[4:] == request_id[4:].lower()
+    before_ms = time.time_ns() // 1_000_000
+    assert abs(ids.uuid7_ms(ids.uuid7()) - before_ms) < 1000

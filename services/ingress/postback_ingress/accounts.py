@@ -28,7 +28,7 @@ from postback_libs.events import (
     CreditRequested,
 )
 from postback_libs.http import Problem
-from postback_libs.ids import uuid7
+from postback_libs.ids import uuid7_hex
 from postback_libs.runtime import Service
 from postback_libs.signing import derive_secret, generate_api_key, hash_secret, parse_api_key
 
@@ -54,7 +54,7 @@ def router(service: Service) -> APIRouter:
     async def create_account(body: AccountCreate, request: Request) -> AccountCreatedView:
         """Create a consumer and/or owner account (operator). The secret is shown only here."""
         operator(request)
-        account_id = f"acc_{uuid7().hex}"
+        account_id = f"acc_{uuid7_hex()}"
         key_id, secret, key_hash = new_key()
         state = AccountState(
             account_id=account_id,
@@ -117,7 +117,7 @@ def router(service: Service) -> APIRouter:
             is None
         ):
             raise Problem(404, "account-not-found", "Account not found", f"no account {account_id}")
-        credit_id = f"cr_{uuid7().hex}"
+        credit_id = f"cr_{uuid7_hex()}"
         async with service.unit_of_work() as uow:
             uow.emit(
                 CreditRequested(

@@ -14,7 +14,7 @@ from postback_ingress.auth import Caller, authenticate, require_role
 from postback_ingress.models import ApiCreate, ApiRegisteredView, ApiUpdate
 from postback_libs.events import ApiRegistered, ApiRetired, ApiState, ApiUpdated
 from postback_libs.http import Problem
-from postback_libs.ids import uuid7
+from postback_libs.ids import uuid7_hex
 from postback_libs.runtime import Service
 from postback_libs.signing import derive_secret
 
@@ -105,7 +105,7 @@ def router(service: Service) -> APIRouter:
         caller = await authenticate(service.pool, request)
         require_role(caller, "owner")
         state = ApiState(
-            api_id=f"api_{uuid7().hex}",
+            api_id=f"api_{uuid7_hex()}",
             owner_id=caller.account_id,
             **body.model_dump(mode="json"),
         )

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from postback_ingress.auth import authenticate, require_operator, require_role
 from postback_libs.events import CorrectionRequested
 from postback_libs.http import Problem
-from postback_libs.ids import uuid7
+from postback_libs.ids import uuid7_hex
 from postback_libs.runtime import Service
 
 Role = Literal["consumer", "owner"]
@@ -202,7 +202,7 @@ def router(service: Service) -> APIRouter:
                 f"The account is not a {body.role}",
                 f"account {account_id} has no {body.role} balance to correct",
             )
-        correction_id = f"cor_{uuid7().hex}"
+        correction_id = f"cor_{uuid7_hex()}"
         async with service.unit_of_work() as uow:
             uow.emit(
                 CorrectionRequested(

@@ -14,11 +14,15 @@ from typing import Any, TypeVar
 import asyncpg
 import uvicorn
 from aiokafka import AIOKafkaProducer
-from fastapi import FastAPI
 
 from postback_libs.consumer import BatchApplier, Handlers, purge_inbox
 from postback_libs.db import create_pool, migrate, schema_for
-from postback_libs.http import ReadinessCheck, install_health_routes, install_problem_handlers
+from postback_libs.http import (
+    App,
+    ReadinessCheck,
+    install_health_routes,
+    install_problem_handlers,
+)
 from postback_libs.logging import configure_logging, get_logger
 from postback_libs.outbox import OutboxRelay, new_producer, unit_of_work
 from postback_libs.settings import ServiceName, Settings
@@ -61,7 +65,7 @@ class Service:
     def __init__(self, name: ServiceName, package: str, settings: Settings) -> None:
         self.name, self.package, self.settings = name, package, settings
         self.schema = schema_for(name)
-        self.app = FastAPI(title=f"Postback {name}", version="0.1.0")
+        self.app = App(title=f"Postback {name}", version="0.1.0")
         install_problem_handlers(self.app)
         self.app.add_middleware(TraceRequests)
         self.pool: Any = None

@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     http_host: str = Field("127.0.0.1", description="Address each service's HTTP server binds.")
     http_port: int | None = Field(None, description="Port; defaults to the service's own port.")
     public_url: str = Field("http://127.0.0.1:8080", description="Public base URL of ingress.")
+    max_call_bytes: int = Field(
+        1_048_576, ge=1024, description="Largest call body ingress accepts (413 beyond it)."
+    )
     callback_url: str = Field(
         "http://127.0.0.1:8081", description="Public base URL of owner-adapter (callbacks)."
     )

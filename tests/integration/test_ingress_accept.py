@@ -202,6 +202,19 @@ async def test_the_direct_path_answers_as_the_documented_route(settings):
         assert anonymous.headers["www-authenticate"] == 'Bearer realm="postback"'
         assert bad_key.status_code == 400
         assert bad_key.json()["type"] == "urn:postback:problem:invalid-idempotency-key"
+        # A body over the limit is refused whether its length is declared or not.
+        big = b'{"api": "svc", "params": {"pad": "' + b"x" * settings.max_call_bytes + b'"}}'
+
+        async def chunked():
+            for at in range(0, len(big), 65536):
+                yield big[at : at + 65536]
+
+        for content in (big, chunked()):
+            too_large = await http.post("/v1/calls", content=content, headers=who)
+            assert (too_large.status_code, too_large.headers["content-type"]) == (413, PROBLEM)
+            assert too_large.json()["type"] == "urn:postback:problem:payload-too-large"
+        seed = await http.post("/api/demo/api/svc", content=big, headers=who)
+        assert (seed.status_code, seed.json()["type"]) == (413, too_large.json()["type"])
         # Other methods on the path still go through the router.
         assert (await http.get("/v1/calls")).status_code == 401
         assert (await http.put("/v1/calls", json={"api": "svc"}, headers=who)).status_code == 405

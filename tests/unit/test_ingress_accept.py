@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -132,9 +133,8 @@ class FakePool:
         return self.row if key_id in (self.row["key_id"], self.row["previous_key_id"]) else None
 
 
-class FakeRequest:
-    def __init__(self, secret: str) -> None:
-        self.headers = {"authorization": f"Bearer {secret}"}
+def presenting(secret: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {secret}"}
 
 
 def account(status: str = "active") -> tuple[str, dict[str, Any]]:
@@ -157,7 +157,7 @@ async def test_the_key_cache_reads_an_account_once_per_ttl_and_still_checks_the_
     pool = FakePool(row)
     keys = KeyCache(ttl=60)
     pool.gate.clear()
-    concurrent = [keys.authenticate(pool, FakeRequest(raw)) for _ in range(5)]  # type: ignore[arg-type]
+    concurrent = [keys.authenticate(pool, presenting(raw)) for _ in range(5)]
     tasks = [asyncio.ensure_future(c) for c in concurrent]
     await asyncio.sleep(0)
     pool.gate.set()
@@ -165,13 +165,13 @@ async def test_the_key_cache_reads_an_account_once_per_ttl_and_still_checks_the_
     assert pool.queries == 1
     wrong = raw[:-4] + ("AAAA" if not raw.endswith("AAAA") else "BBBB")
     with pytest.raises(Problem) as e:
-        await keys.authenticate(pool, FakeRequest(wrong))  # type: ignore[arg-type]
+        await keys.authenticate(pool, presenting(wrong))
     assert e.value.status == 401
     assert pool.queries == 1
     # With no time to live, every request reads the account.
     keys = KeyCache(ttl=0)
     for _ in range(2):
-        await keys.authenticate(pool, FakeRequest(raw))  # type: ignore[arg-type]
+        await keys.authenticate(pool, presenting(raw))
     assert pool.queries == 3
 
 
@@ -180,7 +180,7 @@ async def test_the_key_cache_keeps_no_suspended_account_and_honours_rotation_end
     pool = FakePool(row)
     keys = KeyCache(ttl=60)
     for _ in range(2):
-        assert (await keys.authenticate(pool, FakeRequest(raw))).status == "suspended"  # type: ignore[arg-type]
+        assert (await keys.authenticate(pool, presenting(raw))).status == "suspended"
     assert pool.queries == 2  # not cached: a reinstatement counts at once
     # A previous key is honoured until its end, even from the cache.
     new_raw, new_row = account()
@@ -192,7 +192,58 @@ async def test_the_key_cache_keeps_no_suspended_account_and_honours_rotation_end
         previous_valid_until=datetime.now(UTC) - timedelta(seconds=1),
     )
     with pytest.raises(Problem):
-        await KeyCache().authenticate(FakePool(new_row), FakeRequest(new_raw))  # type: ignore[arg-type]
+        await KeyCache().authenticate(FakePool(new_row), presenting(new_raw))
     new_row["previous_valid_until"] = datetime.now(UTC) + timedelta(hours=1)
-    caller = await KeyCache().authenticate(FakePool(new_row), FakeRequest(new_raw))  # type: ignore[arg-type]
+    caller = await KeyCache().authenticate(FakePool(new_row), presenting(new_raw))
     assert caller.account_id == "acc_1"
+
+
+async def _asgi(app: Any, body: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
+    """One POST /v1/calls through `app`, as a server would hand it over."""
+    sent: list[dict[str, Any]] = []
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/calls",
+        "raw_path": b"/v1/calls",
+        "query_string": b"",
+        "root_path": "",
+        "scheme": "http",
+        "server": ("127.0.0.1", 8080),
+        "headers": [(b"content-type", b"application/json")],
+    }
+    parts = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        return parts.pop(0) if parts else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    start, *rest = sent
+    return start["status"], dict(start["headers"]), b"".join(m.get("body", b"") for m in rest)
+
+
+async def test_the_direct_call_answers_the_unexpected_with_a_bare_500():
+    from postback_ingress.calls import _DirectCall
+    from postback_libs.http import App, install_problem_handlers
+
+    app = App()
+    install_problem_handlers(app)
+
+    async def broken(headers: Any, body: bytes) -> tuple[str, bool]:
+        raise RuntimeError("secret internals")
+
+    async def fine(headers: Any, body: bytes) -> tuple[str, bool]:
+        return f"req_{len(body)}", True
+
+    app.direct("POST", "/v1/calls", _DirectCall(app, 1024, broken))
+    status, headers, body = await _asgi(app, b"{}")
+    assert (status, headers[b"content-type"]) == (500, b"application/problem+json")
+    assert b"internal-error" in body and b"secret internals" not in body
+    app.direct("POST", "/v1/calls", _DirectCall(app, 1024, fine))
+    assert (await _asgi(app, b"x" * 1025))[0] == 413
+    status, headers, body = await _asgi(app, b"x" * 1024)
+    assert (status, headers[b"location"]) == (202, b"/v1/calls/req_1024")
+    assert json.loads(body)["request_id"] == "req_1024"

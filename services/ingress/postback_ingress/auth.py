@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -23,11 +24,12 @@ class Caller:
     status: str
 
 
-def presented_secret(request: Request) -> str | None:
-    auth = request.headers.get("authorization", "")
+def presented_secret(headers: Mapping[str, str]) -> str | None:
+    """The secret in `headers` (names in lower case, as HTTP/2 and ASGI write them)."""
+    auth = headers.get("authorization", "")
     if auth.lower().startswith("bearer "):
         return auth[7:].strip()
-    return request.headers.get("x-consumer-key") or None
+    return headers.get("x-consumer-key") or None
 
 
 def _unauthorized(detail: str) -> Problem:
@@ -46,8 +48,8 @@ class _StoredKey:
     valid_until: datetime | None  # None: the account's current key
 
 
-def _presented_key(request: Request) -> tuple[str, str]:
-    raw = presented_secret(request)
+def _presented_key(headers: Mapping[str, str]) -> tuple[str, str]:
+    raw = presented_secret(headers)
     if not raw:
         raise _unauthorized(
             "send your secret as `Authorization: Bearer <secret>` or `X-Consumer-Key`"
@@ -86,7 +88,7 @@ def _verified(stored: _StoredKey | None, secret: str) -> Caller:
 async def authenticate(pool: Any, request: Request) -> Caller:
     """The caller, read from the database: for everything but accepting calls, so a change
     to an account (a rotation, a suspension) shows in its very next request."""
-    key_id, secret = _presented_key(request)
+    key_id, secret = _presented_key(request.headers)
     return _verified(await _stored_key(pool, key_id), secret)
 
 
@@ -105,8 +107,8 @@ class KeyCache:
         self.ttl, self.max_keys = ttl, max_keys
         self._keys: dict[str, tuple[float, asyncio.Future[_StoredKey | None]]] = {}
 
-    async def authenticate(self, pool: Any, request: Request) -> Caller:
-        key_id, secret = _presented_key(request)
+    async def authenticate(self, pool: Any, headers: Mapping[str, str]) -> Caller:
+        key_id, secret = _presented_key(headers)
         return _verified(await self._stored_key(pool, key_id), secret)
 
     async def _stored_key(self, pool: Any, key_id: str) -> _StoredKey | None:
@@ -154,6 +156,6 @@ def require_operator(request: Request, token: str) -> None:
             "Operator actions are disabled",
             "set POSTBACK_OPERATOR_TOKEN to enable them",
         )
-    presented = presented_secret(request) or ""
+    presented = presented_secret(request.headers) or ""
     if not hmac.compare_digest(presented.encode(), token.encode()):
         raise _unauthorized("this needs the operator token")

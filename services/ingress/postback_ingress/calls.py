@@ -3,26 +3,26 @@
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
+from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
-from starlette.middleware import Middleware
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.requests import ClientDisconnect
+from starlette.types import Receive, Scope, Send
 
 from postback_ingress.auth import Caller, KeyCache
 from postback_ingress.group_commit import CallWriter
 from postback_ingress.models import CallAccepted, CallRequest
 from postback_libs.events import CALLS, CallRequested, Entry, new_event
-from postback_libs.http import Problem
+from postback_libs.http import App, Problem
 from postback_libs.ids import new_request_id
 from postback_libs.runtime import Service
-from postback_libs.telemetry import current_traceparent
+from postback_libs.telemetry import current_traceparent, span_from
 
 RETRY_AFTER_SECONDS = "1"
 
@@ -80,43 +80,85 @@ async def accept_call(
     return await writer.write(call, request_digest, service.settings.topic(CALLS.name), event)
 
 
-class _Direct:
-    """ASGI middleware handing `POST <path>` straight to its endpoint, past the exception
-    middleware, the router and the route's wrappers: together they cost more CPU per request
-    than accepting the call does, bar the database (in-process, against a stand-in database:
-    ~60 us a call this way, ~130 us through them). The route stays registered for the OpenAPI
-    document. The exceptions the endpoint raises by design (Problem, RequestValidationError)
-    are answered by the app's own handlers, as the skipped exception middleware would; any
-    other propagates to the server-error middleware."""
+class _DirectCall:
+    """`POST /v1/calls` in plain ASGI, ahead of the app's middleware stack (`App.direct`):
+    no Request, Headers or Response objects on the way. In-process, against a stand-in
+    database, it accepts a call in 32 us of CPU, against 49 us as a middleware inside the
+    app's stack. It does what the skipped layers did: the request's trace span, the body
+    limit, problem+json for every error."""
 
-    def __init__(
-        self,
-        app: ASGIApp,
-        path: str,
-        endpoint: Callable[[Request], Awaitable[Response]],
-        handlers: Mapping[Any, Callable[[Request, Exception], Response | Awaitable[Response]]],
-    ) -> None:
-        self.app, self.path, self.endpoint, self.handlers = app, path, endpoint, handlers
+    def __init__(self, app: App, limit: int, accept: AcceptV1) -> None:
+        self.app, self.limit, self.accept = app, limit, accept
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != self.path or scope["method"] != "POST":
-            await self.app(scope, receive, send)
-            return
-        request = Request(scope, receive)
-        try:
-            response = await self.endpoint(request)
-        except (Problem, RequestValidationError) as e:
-            handler = next(self.handlers[c] for c in type(e).__mro__ if c in self.handlers)
-            answer = handler(request, e)
-            response = await answer if inspect.isawaitable(answer) else answer
-        await response(scope, receive, send)
+        # ASGI gives header names in lower case.
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        with span_from(headers.get("traceparent"), "HTTP POST", SpanKind.SERVER):
+            try:
+                body = await _read_body(receive, headers, self.limit)
+                request_id, fresh = await self.accept(headers, body)
+            except ClientDisconnect:
+                return
+            except Exception as e:  # answered as the skipped middleware would
+                await self.app.answer_exception(scope, receive, send, e)
+                return
+            answer = _V1_ACCEPTED % (request_id.encode(), request_id.encode())
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 202 if fresh else 200,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(answer)).encode()),
+                        (b"location", b"/v1/calls/" + request_id.encode()),
+                        (b"retry-after", RETRY_AFTER_SECONDS.encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": answer})
+
+
+# The body of CallAccepted (documented as the response model), without building one; request
+# ids are `req_` and hex digits, nothing JSON would escape.
+_V1_ACCEPTED = b'{"request_id":"%s","status":"accepted","status_url":"/v1/calls/%s"}'
+AcceptV1 = Callable[[Mapping[str, str], bytes], Awaitable[tuple[str, bool]]]
+
+
+def _too_large(limit: int) -> Problem:
+    return Problem(
+        413, "payload-too-large", "Payload too large", f"a call's body may hold {limit} bytes"
+    )
+
+
+async def _read_body(receive: Receive, headers: Mapping[str, str], limit: int) -> bytes:
+    """The request body, refused (413) as soon as it is known to exceed `limit` bytes."""
+    declared = headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk: bytes = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+        more = message.get("more_body", False)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _limited_body(request: Request, limit: int) -> bytes:
+    return await _read_body(request.receive, request.headers, limit)
 
 
 def install(service: Service) -> None:
-    """The call routes, and the direct way to `POST /v1/calls`."""
+    """The call routes, `POST /v1/calls` answered directly."""
     api = APIRouter()
     writer = CallWriter(lambda: service.pool.acquire(), lambda: _wake_relay(service))
     keys = KeyCache()
+    limit = service.settings.max_call_bytes
 
     def accepted(request_id: str, body: dict[str, Any], fresh: bool) -> JSONResponse:
         location = f"/v1/calls/{request_id}"
@@ -125,6 +167,11 @@ def install(service: Service) -> None:
             202 if fresh else 200,
             headers={"Location": location, "Retry-After": RETRY_AFTER_SECONDS},
         )
+
+    async def accept_v1(headers: Mapping[str, str], body: bytes) -> tuple[str, bool]:
+        req = _parsed(body)
+        caller = await keys.authenticate(service.pool, headers)
+        return await accept_call(service, writer, caller, req, headers.get("idempotency-key"), "v1")
 
     @api.post(
         "/v1/calls",
@@ -135,11 +182,8 @@ def install(service: Service) -> None:
     )
     async def create_call(request: Request) -> JSONResponse:
         """Accept a call; its outcome is delivered to `webhook_url` and readable at Location."""
-        req = _parsed(await request.body())
-        idempotency_key = request.headers.get("idempotency-key")
-        caller = await keys.authenticate(service.pool, request)
-        rid, fresh = await accept_call(service, writer, caller, req, idempotency_key, "v1")
-        # The body of CallAccepted (documented as the response model), without building one.
+        # Served by _DirectCall; reached this way only under another path prefix.
+        rid, fresh = await accept_v1(request.headers, await _limited_body(request, limit))
         return accepted(
             rid, {"request_id": rid, "status": "accepted", "status_url": f"/v1/calls/{rid}"}, fresh
         )
@@ -150,8 +194,8 @@ def install(service: Service) -> None:
     async def internal_call(request: Request) -> JSONResponse:
         """`{"api_id_public", "method", "path", "params": {..., "webhook_url"}}`."""
         idempotency_key = request.headers.get("idempotency-key")
-        caller = await keys.authenticate(service.pool, request)
-        body = await _json_object(request)
+        caller = await keys.authenticate(service.pool, request.headers)
+        body = await _json_object(request, limit)
         params = body.get("params") or {}
         req = _call_request(
             api=body.get("api_id_public"),
@@ -176,8 +220,8 @@ def install(service: Service) -> None:
         idempotency_key = request.headers.get("idempotency-key")
         if mode not in ("demo", "production"):
             raise Problem(404, "not-found", "Not found", "mode must be demo or production")
-        caller = await keys.authenticate(service.pool, request)
-        body = await _json_object(request)
+        caller = await keys.authenticate(service.pool, request.headers)
+        body = await _json_object(request, limit)
         req = _call_request(
             api=slug,
             mode=mode,
@@ -190,15 +234,7 @@ def install(service: Service) -> None:
         return accepted(rid, {"requestId": rid}, fresh)
 
     service.app.include_router(api)
-    # Innermost, so inside TraceRequests: the call's event continues the request's trace.
-    service.app.user_middleware.append(
-        Middleware(
-            _Direct,
-            path="/v1/calls",
-            endpoint=create_call,
-            handlers=service.app.exception_handlers,
-        )
-    )
+    service.app.direct("POST", "/v1/calls", _DirectCall(service.app, limit, accept_v1))
 
 
 # The call routes read their body and Idempotency-Key themselves: FastAPI's dependency solving
@@ -233,9 +269,9 @@ def _parsed(body: bytes) -> CallRequest:
         ) from None
 
 
-async def _json_object(request: Request) -> dict[str, Any]:
+async def _json_object(request: Request, limit: int) -> dict[str, Any]:
     try:
-        body = await request.json()
+        body = json.loads(await _limited_body(request, limit))
     except ValueError:
         raise Problem(
             400,

@@ -481,3 +481,29 @@ def test_new_ids_are_uuid7_in_their_written_forms():
     assert len(request_id) == 36 and request_id[4:] == request_id[4:].lower()
     before_ms = time.time_ns() // 1_000_000
     assert abs(ids.uuid7_ms(ids.uuid7()) - before_ms) < 1000
+
+
+def test_new_ids_do_not_repeat_across_threads_or_a_fork():
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    def draw(_: int) -> list[str]:
+        return [ids.uuid7_hex() for _ in range(2000)]
+
+    with ThreadPoolExecutor(4) as pool:
+        drawn = [h for batch in pool.map(draw, range(8)) for h in batch]
+    ids.uuid7_hex()  # bytes left in this thread's pool, which a forked child must not reuse
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child reports the ids it draws, then leaves at once
+        os.write(write, "".join(draw(0)[:100]).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child = os.read(read, 32 * 100)
+    os.close(read)
+    drawn += [child[i : i + 32].decode() for i in range(0, len(child), 32)]
+    drawn += draw(0)[:100]
+    assert len(drawn) == 16_000 + 200
+    # Their random bits, past the millisecond: ids drawn at different times differ anyway.
+    assert len({h[13:] for h in drawn}) == len(drawn)

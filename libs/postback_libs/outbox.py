@@ -28,6 +28,14 @@ from postback_libs.telemetry import current_traceparent
 
 log = get_logger(__name__)
 POLL_SECONDS = 0.1
+# Deletes the rows published last time and reads the next ones, in one round trip. The read
+# sees the table as it was before the delete, hence the rows being deleted are left out.
+NEXT_ROWS = """
+WITH published AS (DELETE FROM outbox WHERE position = ANY($1::bigint[]))
+SELECT position, topic, key, type, payload, traceparent, created_at FROM outbox
+WHERE position <> ALL($1::bigint[])
+ORDER BY position LIMIT $2
+"""
 # One statement for a whole batch's events; positions follow the order they were emitted in.
 INSERT_OUTBOX = """
 INSERT INTO outbox (topic, key, event_id, type, payload, traceparent)
@@ -131,6 +139,9 @@ class OutboxRelay:
         self._stopping = False
         self.leader = False
         self._partitions: dict[str, tuple[int, ...]] = {}
+        # Positions published and acknowledged, deleted by the next `publish_pending`; after
+        # a crash they are published again, and consumers know the events by id.
+        self._published: list[int] = []
 
     async def run(self) -> None:
         while not self._stopping:
@@ -173,21 +184,18 @@ class OutboxRelay:
             await conn.close()
 
     async def publish_pending(self, conn: Any) -> int:
-        rows = await conn.fetch(
-            "SELECT position, topic, key, type, payload, traceparent, created_at FROM outbox"
-            " ORDER BY position LIMIT $1",
-            self.batch,
-        )
+        """Publish the next rows of the outbox, and delete the ones published by the call
+        before: one statement per batch, not a read and a delete."""
+        rows = await conn.fetch(NEXT_ROWS, self._published, self.batch)
+        self._published = []
         if not rows:
             OUTBOX_PENDING.set(0)
             return 0
         sends = await self._send(rows)
-        await asyncio.gather(*sends)  # every send acknowledged before the rows go
+        await asyncio.gather(*sends)  # every send acknowledged before the rows may go
         # By position, not by range: a transaction that commits late can hold a lower position
         # than rows already published, and must not be deleted unpublished.
-        await conn.execute(
-            "DELETE FROM outbox WHERE position = ANY($1::bigint[])", [r["position"] for r in rows]
-        )
+        self._published = [r["position"] for r in rows]
         acked = time.time()
         for topic, n in Counter(r["topic"] for r in rows).items():
             EVENTS_PRODUCED.labels(topic).inc(n)

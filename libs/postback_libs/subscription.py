@@ -2,15 +2,16 @@
 
 Batches are written one after another, each in its own transaction; the next batch is fetched
 and decoded while the previous one's transaction runs. Offsets are committed only after the
-batch's effects are (the commit then overlaps the next batch), so a crash or a rebalance
-redelivers a batch rather than losing it, and the applier recognises what was already
-applied. The loop runs on aiokafka directly: a fetch returns as soon as records arrive, and
+batches' effects are (twice a second at most, each commit overlapping the next batch), so a
+crash or a rebalance redelivers batches rather than losing them, and the applier recognises
+what was already applied. The loop runs on aiokafka directly: a fetch returns as soon as records arrive, and
 waits on the broker, not on a timer, while the topic is quiet."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import ConsumerStoppedError, KafkaError
@@ -22,6 +23,11 @@ from postback_libs.settings import Settings
 log = get_logger(__name__)
 # How long one fetch waits for records; only bounds how soon a quiet loop notices a stop.
 IDLE_FETCH_MS = 1000
+# Offsets are committed at most this often, and at once when the topic goes quiet or the loop
+# stops. A commit per batch was a broker request per batch (dozens a second per group at any
+# load); after a crash the batches written since the last commit come again, and the inbox
+# and the handlers' keys recognise them.
+COMMIT_EVERY_SECONDS = 0.5
 Fetched = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
 
 
@@ -45,6 +51,8 @@ class Subscription:
         )
         self._task: asyncio.Task[None] | None = None
         self._commit: asyncio.Task[None] | None = None
+        self._uncommitted: dict[TopicPartition, int] = {}
+        self._committed_at = 0.0
         # The batch whose transaction is running, while the next one is fetched and decoded.
         self._writing: tuple[Fetched, asyncio.Task[None]] | None = None
         self._stopping = False
@@ -63,12 +71,14 @@ class Subscription:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self._settle(None)
+        await self._commit_progress(force=True)
         if self._commit is not None:
             await self._commit
         await self.consumer.stop()
 
     async def _run(self) -> None:
         while not self._stopping:
+            quiet = self._writing is None  # an empty answer then means IDLE_FETCH_MS of nothing
             try:
                 fetched = await self.consumer.getmany(
                     # While a batch is being written, take only what is already here.
@@ -83,6 +93,7 @@ class Subscription:
                 continue
             if not fetched:
                 await self._settle(None)
+                await self._commit_progress(force=quiet)
                 continue
             # Decoding is CPU work: it runs while the previous batch waits on Postgres.
             decoded = await self.applier.decode([r for b in fetched.values() for r in b])
@@ -109,15 +120,33 @@ class Subscription:
             await asyncio.sleep(0.5)
             return False
         self._writing = None
-        # The commit runs while the next batch is written; commits stay in order.
-        if self._commit is not None:
-            await asyncio.shield(self._commit)
-        offsets = {tp: batch[-1].offset + 1 for tp, batch in fetched.items()}
-        self._commit = asyncio.create_task(self._commit_offsets(offsets))
+        for tp, batch in fetched.items():
+            self._uncommitted[tp] = batch[-1].offset + 1
+        await self._commit_progress(force=False)
         self.applier.note_lag([r for b in fetched.values() for r in b], self.consumer)
         return True
 
+    async def _commit_progress(self, force: bool) -> None:
+        """Commit the offsets of the batches written since the last commit, if it is time (or
+        `force`). The commit runs while the next batch is written; commits stay in order."""
+        if not self._uncommitted:
+            return
+        if self._commit is not None and not self._commit.done():
+            if not force:
+                return
+            await asyncio.shield(self._commit)
+        if not force and time.monotonic() - self._committed_at < COMMIT_EVERY_SECONDS:
+            return
+        offsets, self._uncommitted = self._uncommitted, {}
+        self._committed_at = time.monotonic()
+        self._commit = asyncio.create_task(self._commit_offsets(offsets))
+
     async def _commit_offsets(self, offsets: dict[TopicPartition, int]) -> None:
+        # Partitions a rebalance took since: their new owner starts from the last commit.
+        assigned = self.consumer.assignment()
+        offsets = {tp: offset for tp, offset in offsets.items() if tp in assigned}
+        if not offsets:
+            return
         try:
             await self.consumer.commit(offsets)
         except KafkaError as e:

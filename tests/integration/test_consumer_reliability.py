@@ -353,3 +353,37 @@ async def test_a_batch_that_fails_is_fetched_again_with_what_was_fetched_after_i
         await subscription.stop()
         await producer.stop()
         await pool.close()
+
+
+async def test_offsets_are_committed_once_the_topic_goes_quiet(settings, monkeypatch):
+    """Commits are spaced out under load; a group that has caught up still commits what it
+    wrote, without waiting for more records or a stop."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from postback_libs import subscription
+
+    monkeypatch.setattr(subscription, "COMMIT_EVERY_SECONDS", 3600.0)
+    account = uid("acct_c")
+    async with (
+        TopicReader(settings, "postback.ledger") as ledger,
+        running(settings, settlement),
+    ):
+        await fund(settings, ledger, account, 5)
+        # Written after the first commit: far too soon for a commit of its own.
+        credit = await fund(settings, ledger, account, 5)
+        [record] = [r for r in ledger.raw if json.loads(r.value)["id"] == credit.id]
+        tp = TopicPartition(record.topic, record.partition)
+        probe = AIOKafkaConsumer(
+            bootstrap_servers=settings.kafka_bootstrap,
+            group_id=f"{settings.topic_prefix}postback-settlement-funding",
+            enable_auto_commit=False,
+        )
+        await probe.start()
+        try:
+
+            async def committed_past_the_credit() -> bool:
+                return (await probe.committed(tp) or 0) > record.offset
+
+            await eventually(committed_past_the_credit, timeout=10, what="offset committed")
+        finally:
+            await probe.stop()

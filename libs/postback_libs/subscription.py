@@ -4,8 +4,8 @@ Batches are written one after another, each in its own transaction; the next bat
 and decoded while the previous one's transaction runs. Offsets are committed only after the
 batches' effects are (twice a second at most, each commit overlapping the next batch), so a
 crash or a rebalance redelivers batches rather than losing them, and the applier recognises
-what was already applied. The loop runs on aiokafka directly: a fetch returns as soon as records arrive, and
-waits on the broker, not on a timer, while the topic is quiet."""
+what was already applied. The loop runs on aiokafka directly: a fetch returns as soon as
+records arrive, and waits on the broker, not on a timer, while the topic is quiet."""
 
 from __future__ import annotations
 

@@ -170,10 +170,14 @@ class OutboxRelay:
             while True:
                 self._wake.clear()  # before reading: a wake-up during the publish is kept
                 published = await self.publish_pending(conn)
-                if published:
-                    continue
+                if published == self.batch:
+                    continue  # a full batch: more is waiting
                 if self._stopping:
+                    if published:
+                        continue  # one more round deletes what was just published
                     return
+                # What was just published is deleted by the next round, when more is written
+                # or at the next poll: a statement per round rather than two.
                 # Writers in this process wake the relay as they commit. A short poll picks up
                 # what other replicas wrote while this one leads: no NOTIFY, whose commit-time
                 # queue lock would serialise every writer's commit.

@@ -24,7 +24,12 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from postback.embedded import EMBEDDED_FETCH_MAX_WAIT_MS, EmbeddedKafka, EmbeddedPostgres
+from postback.embedded import (
+    EMBEDDED_FETCH_MAX_WAIT_MS,
+    EMBEDDED_TOPIC_PARTITIONS,
+    EmbeddedKafka,
+    EmbeddedPostgres,
+)
 from postback.stack import LOCAL_NETWORKS, Child, Stack
 from postback_libs.settings import SERVICES, Settings
 
@@ -69,6 +74,12 @@ def with_database(dsn: str, database: str) -> str:
     return urlunsplit(parts._replace(path=f"/{database}"))
 
 
+def topic_partitions(*, embedded: bool) -> int:
+    """What `postback up` creates on the embedded broker; a real one keeps the default."""
+    default: int = Settings.model_fields["topic_partitions"].default
+    return EMBEDDED_TOPIC_PARTITIONS if embedded else default
+
+
 @dataclass(frozen=True)
 class Place:
     """A phase's broker, database and topic namespace."""
@@ -86,6 +97,10 @@ class Place:
         default: int = Settings.model_fields["kafka_fetch_max_wait_ms"].default
         return EMBEDDED_FETCH_MAX_WAIT_MS if self.broker_pid is not None else default
 
+    @property
+    def topic_partitions(self) -> int:
+        return topic_partitions(embedded=self.broker_pid is not None)
+
     def settings(self, **over: Any) -> Settings:
         fields: dict[str, Any] = {
             "kafka_bootstrap": self.kafka_bootstrap,
@@ -96,6 +111,7 @@ class Place:
             "allowed_networks": LOCAL_NETWORKS,
             "kafka_session_timeout_ms": 2000,
             "kafka_fetch_max_wait_ms": self.fetch_max_wait_ms,
+            "topic_partitions": self.topic_partitions,
             "log_level": "WARNING",
         }
         return Settings(**{**fields, **over})
@@ -189,6 +205,7 @@ class BenchStack(Stack):
             "POSTBACK_ALLOWED_NETWORKS": LOCAL_NETWORKS,
             "POSTBACK_KAFKA_SESSION_TIMEOUT_MS": "2000",
             "POSTBACK_KAFKA_FETCH_MAX_WAIT_MS": str(place.fetch_max_wait_ms),
+            "POSTBACK_TOPIC_PARTITIONS": str(place.topic_partitions),
             "POSTBACK_PUBLIC_URL": f"http://127.0.0.1:{self.port('ingress')}",
             "POSTBACK_CALLBACK_URL": f"http://127.0.0.1:{self.port('owner-adapter')}",
             **env,

@@ -22,7 +22,7 @@ import psutil
 
 from bench import accept, baselines, components, loadgen
 from bench.e2e import EndToEnd, setup_tenancy, slowest_hop_service
-from bench.infra import BenchStack, Infra, Place, listen_port
+from bench.infra import BenchStack, Infra, Place, listen_port, topic_partitions
 from bench.machine import classify, git_commit, k6_version, machine_busy_seconds, uncommitted_files
 from bench.pgwait import WaitSampler
 from bench.plan import Plan
@@ -456,7 +456,7 @@ class Run:
                     self.say(f"  {n} x {self.busiest}: {cap['delivered_per_second']} calls/s")
         return {
             "service": self.busiest,
-            "topic_partitions": 12,
+            "topic_partitions": topic_partitions(embedded=self.infra.embedded),
             "points": self.growth,
             "measure": "capacity: calls/s delivered while working off a backlog offered at "
             f"{p.capacity_rate}/s for {p.capacity_seconds:g} s",

@@ -21,7 +21,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["EMBEDDED_FETCH_MAX_WAIT_MS", "EmbeddedKafka", "EmbeddedPostgres", "free_port"]
+__all__ = [
+    "EMBEDDED_FETCH_MAX_WAIT_MS",
+    "EMBEDDED_TOPIC_PARTITIONS",
+    "EmbeddedKafka",
+    "EmbeddedPostgres",
+    "free_port",
+]
 
 _HOST = "127.0.0.1"
 _PG_SYSTEM_USER = "postback-pg"
@@ -30,6 +36,11 @@ _TAIL_BYTES = 4000
 # a hop through it took 28 ms (p50) / 54 ms (p99) with a 100 ms wait and 6 / 10 ms with 20 ms.
 # Services on it fetch with the short wait (Kafka itself answers as soon as records arrive).
 EMBEDDED_FETCH_MAX_WAIT_MS = 20
+# Topics on the embedded broker get 4 partitions, not 12: room for 4 instances of a service on
+# one machine. The broker stores each produced batch as an object and lists a partition's
+# objects for each fetch, so fewer, fuller batches cost it less. At 150 calls/s end to end:
+# broker CPU 3.9 ms a call against 4.7, latency p50 644 / p99 1,152 ms against 919 / 1,733.
+EMBEDDED_TOPIC_PARTITIONS = 4
 
 
 def free_port() -> int:

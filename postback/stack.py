@@ -73,6 +73,7 @@ class Stack:
     def start_infrastructure(self) -> None:
         from postback.embedded import (
             EMBEDDED_FETCH_MAX_WAIT_MS,
+            EMBEDDED_TOPIC_PARTITIONS,
             EmbeddedKafka,
             EmbeddedPostgres,
             free_port,
@@ -89,6 +90,7 @@ class Stack:
             self.kafka = kafka
             env["POSTBACK_KAFKA_BOOTSTRAP"] = kafka.bootstrap
             env.setdefault("POSTBACK_KAFKA_FETCH_MAX_WAIT_MS", str(EMBEDDED_FETCH_MAX_WAIT_MS))
+            env.setdefault("POSTBACK_TOPIC_PARTITIONS", str(EMBEDDED_TOPIC_PARTITIONS))
             _say(f"  broker      embedded (in memory) at {kafka.bootstrap}")
         else:
             _say(f"  broker      {os.environ['POSTBACK_KAFKA_BOOTSTRAP']}")
@@ -114,10 +116,12 @@ class Stack:
         self.env = env
 
     def prepare(self) -> None:
+        default_partitions = Settings.model_fields["topic_partitions"].default
         settings = Settings(
             kafka_bootstrap=self.env["POSTBACK_KAFKA_BOOTSTRAP"],
             database_url=self.env["POSTBACK_DATABASE_URL"],
             topic_prefix=self.env.get("POSTBACK_TOPIC_PREFIX", ""),
+            topic_partitions=int(self.env.get("POSTBACK_TOPIC_PARTITIONS", default_partitions)),
         )
 
         async def run() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from bench.figures import flatten, get_path, targets
+from postback.embedded import EMBEDDED_TOPIC_PARTITIONS
 
 
 def _noisy(meta: dict[str, Any]) -> str:
@@ -61,7 +62,8 @@ def markdown(r: dict[str, Any], plot_name: str | None) -> str:
         f"{meta.get('other_cpu_seconds')} CPU s of the machine's "
         f"{meta.get('machine_busy_cpu_seconds')} during it (interrupts: "
         f"{meta.get('interrupt_cpu_seconds')})"
-        f"{_noisy(meta)}. Embedded broker (Tansu, in memory) "
+        f"{_noisy(meta)}. Embedded broker (Tansu, in memory, topics of "
+        f"{EMBEDDED_TOPIC_PARTITIONS} partitions) "
         "and PostgreSQL (durable, fsync on), a fresh broker and database per section; every "
         "service a process of its own as `postback up` runs them. Every figure below was "
         "measured in this run, beside its baseline.",
@@ -315,7 +317,11 @@ def markdown(r: dict[str, Any], plot_name: str | None) -> str:
     else:
         pts = g["points"]
         services = sorted({s for x in pts for s in (x.get("cpu_ms_per_call") or {})})
-        lines += [f"Busiest service: **{g['service']}**; {g['measure']}.", ""]
+        lines += [
+            f"Busiest service: **{g['service']}**, topics of {g.get('topic_partitions')} "
+            f"partitions; {g['measure']}.",
+            "",
+        ]
         lines += _table(
             ["instances", "calls/s", "lost", "dup", "all services CPU ms/call"]
             + [f"{s} CPU ms/call" for s in services],

@@ -176,11 +176,10 @@ class OutboxRelay:
                     if published:
                         continue  # one more round deletes what was just published
                     return
-                # What was just published is deleted by the next round, when more is written
-                # or at the next poll: a statement per round rather than two.
                 # Writers in this process wake the relay as they commit. A short poll picks up
                 # what other replicas wrote while this one leads: no NOTIFY, whose commit-time
-                # queue lock would serialise every writer's commit.
+                # queue lock would serialise every writer's commit. What was just published is
+                # deleted by that next round: a statement per round rather than two.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=POLL_SECONDS)
         finally:

@@ -182,7 +182,8 @@ def install(service: Service) -> None:
     )
     async def create_call(request: Request) -> JSONResponse:
         """Accept a call; its outcome is delivered to `webhook_url` and readable at Location."""
-        # Served by _DirectCall; reached this way only under another path prefix.
+        # `_DirectCall` answers this path ahead of the router; the same call for any request
+        # the router gets all the same.
         rid, fresh = await accept_v1(request.headers, await _limited_body(request, limit))
         return accepted(
             rid, {"request_id": rid, "status": "accepted", "status_url": f"/v1/calls/{rid}"}, fresh

@@ -178,6 +178,8 @@ class EndToEnd:
         self.hook_url = f"{peers_url}/hook"
         # How long a phase waits for its backlog after the load stops (bounds the run).
         self.drain_timeout = 180.0
+        # When the last phase's load began and ended (monotonic clock, as the sampler's).
+        self.load_window = (0.0, 0.0)
 
     def ingress_urls(self) -> list[str]:
         return [self.stack.url(k) for k in self.stack.instances("ingress")]
@@ -239,6 +241,7 @@ class EndToEnd:
         """Offer `rate` calls/s for `seconds`, wait for their webhooks, and account for each."""
         before = await self.accepted_ids()
         started = time.time() * 1000
+        load_began = time.monotonic()
         load = await run_k6(
             self.ingress_urls(),
             rate=rate,
@@ -250,6 +253,7 @@ class EndToEnd:
             log=self.logs / f"k6-{name.replace(' ', '-')}.log",
         )
         ended = time.time() * 1000
+        self.load_window = (load_began, time.monotonic())
         accepted = await self.accepted_ids() - before
         lost, late = await self._wait_delivered(accepted, self.drain_timeout)
         missing = lost | late

@@ -250,6 +250,22 @@ def markdown(r: dict[str, Any], plot_name: str | None) -> str:
                         for who, v in sessions.items()
                     ],
                 )
+            drift = x.get("cpu_first_and_last_fifth") or {}
+            if drift:
+                lines += [
+                    f"CPU while the {name} phase's load ran, in its first and its last fifth "
+                    "(% of one core). The offered rate did not change, so what grows is work "
+                    "that grows with what the stack holds; the embedded broker reads through "
+                    "every batch a partition holds on each fetch that finds news:",
+                    "",
+                ]
+                lines += _table(
+                    ["process", "first fifth", "last fifth"],
+                    [
+                        [label, v["first"], v["last"]]
+                        for label, v in sorted(drift.items(), key=lambda kv: -(kv[1]["last"] or 0))
+                    ],
+                )
 
     lines += ["## 3. Delivery (one process)", ""]
     lines += _component(r.get("delivery"))

@@ -166,20 +166,27 @@ class Sampler:
                 continue
             before = [p for p in s.points if p[0] < window.start]
             # A process born inside the window spent all its CPU in it.
-            base = before[-1][2] if before else (0.0 if s.started >= window.start else inside[0][2])
+            if before:
+                since, base = before[-1][0], before[-1][2]
+            elif s.started >= window.start:
+                since, base = window.start, 0.0
+            else:
+                since, base = inside[0][0], inside[0][2]
             cpu = inside[-1][2] - base
             rss = [p[1] for p in inside if p[1] is not None]
             entry = out.setdefault(
-                s.label, {"cpu_seconds": 0.0, "peak_rss_mb": None, "processes": 0}
+                s.label,
+                {"cpu_seconds": 0.0, "peak_rss_mb": None, "processes": 0, "_percent": 0.0},
             )
             entry["cpu_seconds"] = round(entry["cpu_seconds"] + cpu, 2)
             entry["processes"] += 1
+            # Over the span its samples cover, which differs from the window's by up to a
+            # sampling interval at each end unless the window sampled its own ends.
+            span = inside[-1][0] - since
+            entry["_percent"] += 100 * cpu / span if span > 0 else 0.0
             if rss:
                 peak = round(max(rss) / MB, 1)
                 entry["peak_rss_mb"] = max(entry["peak_rss_mb"] or 0.0, peak)
-        seconds = window.end - window.start
         for entry in out.values():
-            entry["cpu_percent_of_one_core"] = (
-                round(100 * entry["cpu_seconds"] / seconds, 1) if seconds > 0 else None
-            )
+            entry["cpu_percent_of_one_core"] = round(entry.pop("_percent"), 1)
         return out

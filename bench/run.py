@@ -223,9 +223,25 @@ class Run:
             async with WaitSampler(e.stack.place.database_url) as waits:
                 result = await e.phase(name, rate=rate, seconds=seconds)
         result["resources"] = self.usage(w)
+        result["cpu_first_and_last_fifth"] = self._drift(*e.load_window)
         result["postgres_sessions"] = waits.result()
         self._say_phase(f"{name} at {rate:g}/s", result)
         return result, w
+
+    def _drift(self, began: float, ended: float) -> dict[str, dict[str, float | None]]:
+        """Each process's share of one core in the first and in the last fifth of a phase's
+        load. The offered rate is the same throughout, so what grows is work that grows with
+        time: the embedded broker's, which reads through every batch a partition holds."""
+        fifth = (ended - began) / 5
+        first = self.usage(Window("first fifth", began, began + fifth))
+        last = self.usage(Window("last fifth", ended - fifth, ended))
+        return {
+            label: {
+                "first": u["cpu_percent_of_one_core"],
+                "last": (last.get(label) or {}).get("cpu_percent_of_one_core"),
+            }
+            for label, u in first.items()
+        }
 
     async def end_to_end(self) -> dict[str, Any]:
         p = self.plan

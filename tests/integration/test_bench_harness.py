@@ -93,6 +93,10 @@ async def test_tiny_run_writes_a_complete_report(
     numbers(e2e["sustained"], "calls_per_second")
     assert e2e["busiest_service"] in SERVICES
     assert e2e["latency"]["hops"]["calls"] == e2e["latency"]["delivered"]
+    drift = e2e["latency"]["cpu_first_and_last_fifth"]
+    assert set(SERVICES) <= set(drift), sorted(drift)
+    for service in SERVICES:
+        numbers(drift[service], "first", "last")
     numbers(e2e["events_per_call"], "per_call")
 
     points = r["growth"]["points"]
@@ -127,6 +131,7 @@ async def test_tiny_run_writes_a_complete_report(
         "## 7. Resources",
         "## 8. Growth",
         "## Profiles",
+        "in its first and its last fifth",
     ):
         assert heading in md, heading
     assert png_path is not None

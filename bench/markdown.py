@@ -254,9 +254,8 @@ def markdown(r: dict[str, Any], plot_name: str | None) -> str:
             if drift:
                 lines += [
                     f"CPU while the {name} phase's load ran, in its first and its last fifth "
-                    "(% of one core). The offered rate did not change, so what grows is work "
-                    "that grows with what the stack holds; the embedded broker reads through "
-                    "every batch a partition holds on each fetch that finds news:",
+                    "(% of one core). The offered rate did not change: a process whose share "
+                    "grew does more work per call as the run goes on.",
                     "",
                 ]
                 lines += _table(

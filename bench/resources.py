@@ -160,6 +160,7 @@ class Sampler:
     def usage(self, window: Window) -> dict[str, dict[str, Any]]:
         """Per label: CPU seconds spent in the window and the peak RSS seen in it (MB)."""
         out: dict[str, dict[str, Any]] = {}
+        percent: dict[str, float] = {}
         for s in self.series:
             inside = [p for p in s.points if window.start <= p[0] <= window.end]
             if not inside:
@@ -175,18 +176,17 @@ class Sampler:
             cpu = inside[-1][2] - base
             rss = [p[1] for p in inside if p[1] is not None]
             entry = out.setdefault(
-                s.label,
-                {"cpu_seconds": 0.0, "peak_rss_mb": None, "processes": 0, "_percent": 0.0},
+                s.label, {"cpu_seconds": 0.0, "peak_rss_mb": None, "processes": 0}
             )
             entry["cpu_seconds"] = round(entry["cpu_seconds"] + cpu, 2)
             entry["processes"] += 1
             # Over the span its samples cover, which differs from the window's by up to a
             # sampling interval at each end unless the window sampled its own ends.
             span = inside[-1][0] - since
-            entry["_percent"] += 100 * cpu / span if span > 0 else 0.0
+            percent[s.label] = percent.get(s.label, 0.0) + (100 * cpu / span if span > 0 else 0.0)
             if rss:
                 peak = round(max(rss) / MB, 1)
                 entry["peak_rss_mb"] = max(entry["peak_rss_mb"] or 0.0, peak)
-        for entry in out.values():
-            entry["cpu_percent_of_one_core"] = round(entry.pop("_percent"), 1)
+        for label, entry in out.items():
+            entry["cpu_percent_of_one_core"] = round(percent[label], 1)
         return out

@@ -231,7 +231,8 @@ class Run:
     def _drift(self, began: float, ended: float) -> dict[str, dict[str, float | None]]:
         """Each process's share of one core in the first and in the last fifth of a phase's
         load. The offered rate is the same throughout, so what grows is work that grows with
-        time: the embedded broker's, which reads through every batch a partition holds."""
+        what the stack holds, such as the embedded broker's: it reads through every batch a
+        partition holds on each fetch that finds news."""
         fifth = (ended - began) / 5
         first = self.usage(Window("first fifth", began, began + fifth))
         last = self.usage(Window("last fifth", ended - fifth, ended))

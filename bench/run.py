@@ -279,54 +279,68 @@ class Run:
             lower = [x for x in tried if x["kept_up"] and x["offered_per_second"] < rate]
             for first_try in (True, False):
                 async with self._e2e("e2e-sustained") as e:
-                    note: str | None = None
+                    measured: dict[str, Any] | None = None
                     if p.sustained_seconds:
-                        sustained, _ = await self._step(e, "sustained", rate, p.sustained_seconds)
-                        if first_try and not sustained["kept_up"]:
+                        measured, _ = await self._step(e, "sustained", rate, p.sustained_seconds)
+                        if first_try and not measured["kept_up"]:
                             # A minute is longer than a step: fall back once, on a fresh stack,
                             # to the next rate below that kept up (or to three quarters of this
                             # one), and keep the failed minute in the table.
-                            ramp.append(
-                                {**sustained, "name": f"sustained at {rate:g}/s, first try"}
-                            )
+                            ramp.append({**measured, "name": f"sustained at {rate:g}/s, first try"})
                             rate = (
                                 max(x["offered_per_second"] for x in lower)
                                 if lower
                                 else max(5, _round5(0.75 * rate))
                             )
                             continue
-                        if not sustained["kept_up"]:
-                            note = (
-                                "it did not keep up at this rate: the figure is what it delivered"
-                            )
-                    elif best is not None:
-                        sustained = best
-                        note = (
-                            f"{p.mode} mode: the best phase above that kept up stands as sustained"
-                        )
-                    else:
-                        sustained = max(tried, key=lambda x: x.get("delivered_per_second") or 0)
-                        note = "no rate was kept up: the figure is the best delivered rate above"
-                    out["sustained"] = {
-                        **sustained,
-                        "calls_per_second": sustained["delivered_per_second"],
-                        "separate_phase": bool(p.sustained_seconds),
-                        **({"note": note} if note else {}),
-                    }
-                    self.busiest = self._busiest(out["sustained"]["resources"])
-                    out["busiest_service"] = self.busiest
-                    out["slowest_hop_service"] = slowest_hop_service(sustained.get("hops") or {})
-                    out["profiles"] = await self._profile(
-                        e, sustained["offered_per_second"], out["slowest_hop_service"]
-                    )
-                    out["events_per_call"] = await self._events_per_call(e)
-                    self.growth.append(self._growth_point(1, cap, w_cap))
-                    if not p.growth_fresh_stack:
-                        for n in p.growth_instances[1:]:
-                            await self._grow_in_place(e, n)
+                    out["sustained"] = self._sustained_figure(measured, best, tried)
+                    await self._study_sustained_stack(e, out, cap, w_cap)
                     break
             out["resources"] = self.usage(whole)
         return out
+
+    def _sustained_figure(
+        self,
+        measured: dict[str, Any] | None,
+        best: dict[str, Any] | None,
+        tried: list[dict[str, Any]],
+    ) -> dict[str, Any]:
+        """The sustained figure: the minute measured, else (a mode without one) the best phase
+        that kept up, else the best delivered rate."""
+        if measured is not None:
+            figure, note = measured, None
+            if not measured["kept_up"]:
+                note = "it did not keep up at this rate: the figure is what it delivered"
+        elif best is not None:
+            figure = best
+            note = f"{self.plan.mode} mode: the best phase above that kept up stands as sustained"
+        else:
+            figure = max(tried, key=lambda x: x.get("delivered_per_second") or 0)
+            note = "no rate was kept up: the figure is the best delivered rate above"
+        return {
+            **figure,
+            "calls_per_second": figure["delivered_per_second"],
+            "separate_phase": measured is not None,
+            **({"note": note} if note else {}),
+        }
+
+    async def _study_sustained_stack(
+        self, e: EndToEnd, out: dict[str, Any], cap: dict[str, Any], w_cap: Window
+    ) -> None:
+        """On the sustained phase's stack: its busiest service and slowest hop, their profiles,
+        the broker records per call, and the first point of the growth section."""
+        sustained = out["sustained"]
+        self.busiest = self._busiest(sustained["resources"])
+        out["busiest_service"] = self.busiest
+        out["slowest_hop_service"] = slowest_hop_service(sustained.get("hops") or {})
+        out["profiles"] = await self._profile(
+            e, sustained["offered_per_second"], out["slowest_hop_service"]
+        )
+        out["events_per_call"] = await self._events_per_call(e)
+        self.growth.append(self._growth_point(1, cap, w_cap))
+        if not self.plan.growth_fresh_stack:
+            for n in self.plan.growth_instances[1:]:
+                await self._grow_in_place(e, n)
 
     async def _search(
         self,

@@ -158,31 +158,34 @@ class Sampler:
         return sum(s.points[-1][2] - s.points[0][2] for s in self.series if s.points)
 
     def usage(self, window: Window) -> dict[str, dict[str, Any]]:
-        """Per label: CPU seconds spent in the window and the peak RSS seen in it (MB)."""
+        """Per label: CPU seconds and share of a core over the span of the samples that bracket
+        the window (windows marked with `window()` sample their own ends, so the span is the
+        window), and the peak RSS seen in it (MB). A window shorter than the sampling interval
+        is still read: off its neighbouring samples."""
         out: dict[str, dict[str, Any]] = {}
         percent: dict[str, float] = {}
         for s in self.series:
-            inside = [p for p in s.points if window.start <= p[0] <= window.end]
-            if not inside:
-                continue
             before = [p for p in s.points if p[0] < window.start]
+            after = [p for p in s.points if p[0] >= window.start]
+            if not after or (not before and s.started > window.end):
+                continue  # gone before the window, or born after it
             # A process born inside the window spent all its CPU in it.
             if before:
                 since, base = before[-1][0], before[-1][2]
             elif s.started >= window.start:
                 since, base = window.start, 0.0
             else:
-                since, base = inside[0][0], inside[0][2]
-            cpu = inside[-1][2] - base
+                since, base = after[0][0], after[0][2]
+            until = next((p for p in after if p[0] >= window.end), after[-1])
+            cpu = until[2] - base
+            inside = [p for p in after if p[0] <= window.end] or [until]
             rss = [p[1] for p in inside if p[1] is not None]
             entry = out.setdefault(
                 s.label, {"cpu_seconds": 0.0, "peak_rss_mb": None, "processes": 0}
             )
             entry["cpu_seconds"] = round(entry["cpu_seconds"] + cpu, 2)
             entry["processes"] += 1
-            # Over the span its samples cover, which differs from the window's by up to a
-            # sampling interval at each end unless the window sampled its own ends.
-            span = inside[-1][0] - since
+            span = until[0] - since
             percent[s.label] = percent.get(s.label, 0.0) + (100 * cpu / span if span > 0 else 0.0)
             if rss:
                 peak = round(max(rss) / MB, 1)

@@ -77,6 +77,15 @@ async def ready(port: int) -> bool:
     return False
 
 
+async def publish_paced(settings: Settings, events: list[EventData], chunks: int = 20) -> None:
+    """The burst over a few seconds: settlement keeps up with a burst published at once, and
+    could settle all of it before the kill lands."""
+    size = -(-len(events) // chunks)
+    for first in range(0, len(events), size):
+        await publish(settings, *events[first : first + size])
+        await asyncio.sleep(0.15)
+
+
 async def test_settlement_killed_mid_burst_loses_nothing_and_moves_nothing_twice(
     settings, tmp_path
 ):
@@ -124,7 +133,7 @@ async def test_settlement_killed_mid_burst_loses_nothing_and_moves_nothing_twice
                 lambda: len(ledger.of_type("account.credited")) >= len(consumers),
                 what="credits applied",
             )
-            sending = asyncio.create_task(publish(settings, *burst))
+            sending = asyncio.create_task(publish_paced(settings, burst))
             await eventually(
                 lambda: len(calls.of_type("call.settled")) >= CALLS // 10,
                 timeout=60,

@@ -21,9 +21,25 @@ def test_a_window_between_samples_is_read_over_the_span_its_samples_cover() -> N
     points = [(t / 2, None, t / 4) for t in range(0, 21)]
     broker = Series("broker", pid=1, tree=False, points=points, started=0.0)
     use = sampler(broker).usage(Window("fifth", start=2.2, end=4.3))
-    # CPU from the sample at 2.0 s to the one at 4.0 s: 1.0 s of CPU over 2.0 s.
-    assert use["broker"]["cpu_seconds"] == 1.0
+    # CPU from the sample at 2.0 s to the one at 4.5 s: 1.25 s of CPU over 2.5 s.
+    assert use["broker"]["cpu_seconds"] == 1.25
     assert use["broker"]["cpu_percent_of_one_core"] == 50.0
+
+
+def test_a_window_shorter_than_the_sampling_interval_is_read_off_its_neighbours() -> None:
+    # A whole core until 3 s, idle after; the window holds no sample of its own.
+    points = [(0.0, 5 * 2**20, 0.0), (2.0, 6 * 2**20, 2.0), (4.0, 7 * 2**20, 3.0)]
+    routing = Series("routing", pid=5, tree=False, points=points, started=-1.0)
+    use = sampler(routing).usage(Window("last fifth", start=2.5, end=3.0))
+    assert use["routing"]["cpu_seconds"] == 1.0
+    assert use["routing"]["cpu_percent_of_one_core"] == 50.0
+    assert use["routing"]["peak_rss_mb"] == 7.0
+
+
+def test_a_process_gone_before_the_window_or_born_after_it_is_left_out() -> None:
+    gone = Series("k6", pid=6, tree=False, points=[(0.0, None, 0.0), (1.0, None, 1.0)])
+    late = Series("helper", pid=7, tree=False, points=[(9.0, None, 0.5)], started=8.5)
+    assert sampler(gone, late).usage(Window("phase", start=2.0, end=4.0)) == {}
 
 
 def test_a_process_born_inside_the_window_spent_all_its_cpu_in_it() -> None:

@@ -10,7 +10,7 @@ import aiohttp
 
 from bench.e2e import CONSUMERS, OPERATOR
 from bench.infra import BenchStack, listen_port
-from bench.loadgen import run_k6
+from bench.loadgen import Load, run_k6, run_wrk, wrk_binary
 from bench.pgwait import WaitSampler
 from bench.procs import Helper
 from bench.profile import record
@@ -46,21 +46,16 @@ async def measure(run: Run) -> dict[str, Any]:
             for which, url in (("bare", bare_url), ("ingress", stack.url("ingress"))):
                 with run.sampler.window(f"{which} {rate or 'saturation'}") as w:
                     async with WaitSampler(place.database_url) as waits:
-                        load = await run_k6(
-                            [url],
-                            rate=rate,
-                            vus=vus,
-                            seconds=p.ingress_seconds,
-                            log=run.logs / f"k6-{which}.log",
-                            **common,
-                        )
+                        load = await _load(run, url, rate, vus, which, common)
                 row = load.as_dict()
                 if which == "ingress":
                     row["postgres_sessions"] = waits.result()
+                usage = run.usage(w)
                 label = "bare endpoint" if which == "bare" else "ingress"
-                cpu = run.usage(w).get(label, {}).get("cpu_seconds")
-                row["server_cpu_ms_per_request"] = (
-                    round(1000 * cpu / load.accepted, 3) if cpu and load.accepted else None
+                row["server_cpu_ms_per_request"] = _ms_per(usage, label, load)
+                row["load_generator"] = GENERATOR if rate is None else "k6"
+                row["load_generator_cpu_ms_per_request"] = _ms_per(
+                    usage, f"{row['load_generator']} (load generator)", load
                 )
                 rows[which].append(row)
                 run.say(
@@ -80,9 +75,33 @@ async def measure(run: Run) -> dict[str, Any]:
             "bare_per_second": sat_bare["accepted_per_second"],
             "ingress_per_second": sat_ingress["accepted_per_second"],
             "ratio": ratio(sat_ingress["accepted_per_second"], sat_bare["accepted_per_second"]),
-            "vus": p.saturation_vus,
+            "connections": p.saturation_vus,
+            "load_generator": GENERATOR,
         },
     }
+
+
+# Saturation is driven by wrk where it is installed (bench/loadgen.py says why).
+GENERATOR = "wrk" if wrk_binary() else "k6"
+
+
+async def _load(
+    run: Run, url: str, rate: int | None, vus: int, which: str, common: dict[str, Any]
+) -> Load:
+    """k6 at a fixed rate; at saturation (`rate` None), GENERATOR flat out."""
+    seconds = run.plan.ingress_seconds
+    if rate is None and GENERATOR == "wrk":
+        return await run_wrk(
+            url, seconds=seconds, connections=vus, log=run.logs / f"wrk-{which}.log", **common
+        )
+    return await run_k6(
+        [url], rate=rate, vus=vus, seconds=seconds, log=run.logs / f"k6-{which}.log", **common
+    )
+
+
+def _ms_per(usage: dict[str, Any], label: str, load: Load) -> float | None:
+    cpu = usage.get(label, {}).get("cpu_seconds")
+    return round(1000 * cpu / load.accepted, 3) if cpu and load.accepted else None
 
 
 async def _profile(run: Run, stack: BenchStack, common: dict[str, Any]) -> dict[str, Any]:
@@ -95,18 +114,12 @@ async def _profile(run: Run, stack: BenchStack, common: dict[str, Any]) -> dict[
     seconds = max(1.0, p.ingress_seconds - 1)
 
     async def sample() -> dict[str, Any]:
-        await asyncio.sleep(0.5)  # k6 starting up
+        await asyncio.sleep(0.5)  # the load generator starting up
         out = run.out / f"{run.stamp}-ingress-alone-profile.txt"
         return await record(pid, seconds, out)
 
     _, prof = await asyncio.gather(
-        run_k6(
-            [stack.url("ingress")],
-            vus=p.saturation_vus,
-            seconds=p.ingress_seconds,
-            log=run.logs / "k6-ingress-profile.log",
-            **common,
-        ),
+        _load(run, stack.url("ingress"), None, p.saturation_vus, "ingress-profile", common),
         sample(),
     )
     return {"service": "ingress", "load": "saturation, ingress alone", **prof}

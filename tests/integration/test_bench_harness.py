@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from bench.infra import Infra
+from bench.loadgen import wrk_binary
 from bench.plan import TINY
 from bench.report import write
 from bench.run import Run
@@ -83,6 +84,11 @@ async def test_tiny_run_writes_a_complete_report(
     for row in ing["bare"] + ing["ingress"]:
         numbers(row, "accepted_per_second", "accepted", "p50_ms", "p95_ms", "p99_ms")
     numbers(ing["saturation"], "bare_per_second", "ingress_per_second", "ratio")
+    generator = ing["saturation"]["load_generator"]
+    assert generator == ("wrk" if wrk_binary() else "k6")
+    for row in (ing["bare"][-1], ing["ingress"][-1]):
+        assert row["load_generator"] == generator
+        numbers(row, "server_cpu_ms_per_request", "load_generator_cpu_ms_per_request")
 
     e2e = r["e2e"]
     for phase in (e2e["latency"], e2e["sustained"], *e2e["ramp"]):

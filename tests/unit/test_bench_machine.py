@@ -16,6 +16,7 @@ pytestmark = pytest.mark.unit
         (["/root/.calfkit/bin/tansu-v0.6.0-510f3e2", "broker"], "broker (tansu)"),
         (["/pg/bin/postgres", "-D", "/data"], "postgres (all backends)"),
         (["/usr/local/bin/k6", "run", "calls.js"], "k6 (load generator)"),
+        (["/usr/bin/wrk", "--threads", "1", "http://127.0.0.1:8080"], "wrk (load generator)"),
     ],
 )
 def test_each_process_of_a_run_is_named(cmdline: list[str], part: str) -> None:

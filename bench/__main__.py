@@ -46,19 +46,24 @@ async def main_async(args: argparse.Namespace) -> int:
     root = Path(tempfile.mkdtemp(prefix="postback-bench-"))
     infra = Infra(root, args.kafka_bootstrap, args.postgres_dsn)
     print(f"Postback benchmark, {plan.mode} mode; logs in {root / 'logs'}", flush=True)
+    finished = False
     try:
         await infra.start()
         report = await Run(plan, infra, args.out, stamp).run()
+        finished = True
     finally:
         infra.stop()
+        # The embedded database alone reaches gigabytes in a full run; the logs are kept when
+        # asked for, or when the run did not finish, to say why.
+        shutil.rmtree(root / "pg", ignore_errors=True)
+        if args.keep_logs or not finished:
+            print(f"Logs kept in {root / 'logs'}", flush=True)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
     json_path, md_path, png_path = write(report, args.out, stamp)
     print()
     print(md_path.read_text())
     print(f"Wrote {json_path}, {md_path}" + (f", {png_path}" if png_path else ""), flush=True)
-    if args.keep_logs:
-        print(f"Logs kept in {root / 'logs'}")
-    else:
-        shutil.rmtree(root, ignore_errors=True)
     return 0
 
 

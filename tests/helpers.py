@@ -21,6 +21,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from postback.embedded import free_port
 from postback_libs.events import (
+    TOPICS,
     AccountState,
     ApiState,
     CallRouted,
@@ -28,6 +29,7 @@ from postback_libs.events import (
     EventData,
     new_event,
 )
+from postback_libs.offsets import OffsetGaps
 from postback_libs.runtime import Service
 from postback_libs.settings import Settings
 
@@ -104,13 +106,19 @@ class TopicReader:
         ]
         self.consumer.assign(parts)
         await self.consumer.seek_to_beginning(*parts)
+        # Several services write the non-compacted topics at once (postback_libs/offsets.py).
+        self.gaps = OffsetGaps()
+        name = self.topic.removeprefix(self.settings.topic_prefix)
+        if any(t.name == name and t.cleanup != "compact" for t in TOPICS):
+            for tp, start in (await self.consumer.beginning_offsets(parts)).items():
+                self.gaps.expect(tp, start)
         self._task = asyncio.create_task(self._read())
         return self
 
     async def _read(self) -> None:
         while True:
-            batch = await self.consumer.getmany(timeout_ms=100)
-            for records in batch.values():
+            fetched = await self.consumer.getmany(timeout_ms=100)
+            for records in (await self.gaps.take(self.consumer, fetched)).records.values():
                 for r in records:
                     self.raw.append(r)
                     with contextlib.suppress(ValueError):

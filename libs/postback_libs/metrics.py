@@ -24,6 +24,16 @@ OUTBOX_DELAY_SECONDS = Histogram(
     "From the transaction that wrote an event to the broker's acknowledgement of it.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+OFFSET_GAPS_WAITED = Counter(
+    "postback_offset_gaps_waited_total",
+    "Fetches whose records came after a gap in the partition's offsets, fetched again.",
+    ["group"],
+)
+OFFSET_GAPS_SKIPPED = Counter(
+    "postback_offset_gaps_skipped_total",
+    "Offsets a consumer group went on without, once their gap had stood for 5 s.",
+    ["group"],
+)
 CONSUMER_LAG = Gauge(
     "postback_consumer_lag_events", "Events behind the end of the topic.", ["group", "topic"]
 )

@@ -13,11 +13,14 @@ import asyncio
 import contextlib
 import time
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import ConsumerStoppedError, KafkaError
 
 from postback_libs.consumer import BatchApplier
+from postback_libs.events import topic_named
 from postback_libs.logging import get_logger
+from postback_libs.metrics import OFFSET_GAPS_SKIPPED, OFFSET_GAPS_WAITED
+from postback_libs.offsets import OffsetGaps
 from postback_libs.settings import Settings
 
 log = get_logger(__name__)
@@ -36,7 +39,6 @@ class Subscription:
         self.applier = applier
         self.max_records = applier.handlers.max_records or settings.consumer_max_records
         self.consumer = AIOKafkaConsumer(
-            settings.topic(applier.handlers.topic),
             bootstrap_servers=settings.kafka_bootstrap,
             client_id=client_id,
             group_id=f"{settings.topic_prefix}postback-{applier.group}",
@@ -48,6 +50,14 @@ class Subscription:
             if applier.handlers.background
             else settings.kafka_fetch_max_wait_ms,
             max_poll_records=self.max_records,
+        )
+        # Compacted topics have gaps of their own, and each has a single producer (ingress's
+        # relay), so none of the embedded broker's (offsets.py).
+        self.gaps = (
+            None if topic_named(applier.handlers.topic).cleanup == "compact" else OffsetGaps()
+        )
+        self.consumer.subscribe(
+            [settings.topic(applier.handlers.topic)], listener=_Forget(self.gaps)
         )
         self._task: asyncio.Task[None] | None = None
         self._commit: asyncio.Task[None] | None = None
@@ -91,6 +101,8 @@ class Subscription:
                 log.warning("fetch failed", group=self.applier.group, error=repr(e))
                 await asyncio.sleep(1)
                 continue
+            if self.gaps is not None:
+                fetched = await self._hold_back_gaps(fetched)
             if not fetched:
                 await self._settle(None)
                 await self._commit_progress(force=quiet)
@@ -100,6 +112,36 @@ class Subscription:
             if await self._settle(fetched):
                 write = self.applier.write(decoded)
                 self._writing = fetched, asyncio.create_task(write)
+
+    async def _hold_back_gaps(self, fetched: Fetched) -> Fetched:
+        """What follows on from the records before it (offsets.py)."""
+        assert self.gaps is not None
+        taken = await self.gaps.take(self.consumer, fetched, self._start_of)
+        OFFSET_GAPS_WAITED.labels(self.applier.group).inc(len(taken.held_back))
+        for tp, first, end in taken.skipped:
+            OFFSET_GAPS_SKIPPED.labels(self.applier.group).inc(end - first)
+            log.error(
+                "offsets missing from the log, going on without them",
+                group=self.applier.group,
+                topic=tp.topic,
+                partition=tp.partition,
+                first=first,
+                end=end,
+            )
+        return taken.records
+
+    async def _start_of(self, tp: TopicPartition, first: int) -> int:
+        """Where this consumer's reading of `tp` began: its group's committed offset, else the
+        log's start (`first`, the first record fetched, if the broker cannot say)."""
+        try:
+            committed: int | None = await self.consumer.committed(tp)
+            if committed is not None:
+                return committed
+            start: int = (await self.consumer.beginning_offsets([tp]))[tp]
+            return start
+        except KafkaError as e:
+            log.warning("start offset unknown", group=self.applier.group, error=repr(e))
+            return first
 
     async def _settle(self, fetched_since: Fetched | None) -> bool:
         """Wait for the batch being written and commit its offsets. If it failed, it and what
@@ -117,6 +159,8 @@ class Subscription:
             for tp, batch in {**(fetched_since or {}), **fetched}.items():
                 if tp in assigned:  # else its new owner reads it from the committed offset
                     self.consumer.seek(tp, batch[0].offset)
+                    if self.gaps is not None:
+                        self.gaps.expect(tp, batch[0].offset)
             await asyncio.sleep(0.5)
             return False
         self._writing = None
@@ -153,3 +197,19 @@ class Subscription:
             # A rebalance took the partitions: their new owner gets the batch again, and the
             # inbox knows it was applied.
             log.warning("offsets not committed", group=self.applier.group, error=repr(e))
+
+
+class _Forget(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Partitions taken away are forgotten: when one comes back, its expected offset is its
+    group's committed offset again, not where this consumer left it."""
+
+    def __init__(self, gaps: OffsetGaps | None) -> None:
+        self.gaps = gaps
+
+    def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        if self.gaps is not None:
+            self.gaps.forget(list(revoked))
+
+    def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        if self.gaps is not None:
+            self.gaps.forget(list(assigned))

@@ -18,11 +18,15 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from postback_libs.consumer import BatchApplier
 from postback_libs.db import create_pool, migrate
+from postback_libs.events import topic_named
+from postback_libs.logging import get_logger
+from postback_libs.offsets import OffsetGaps
 from postback_libs.outbox import new_producer
 from postback_libs.settings import Settings
 from postback_projection.app import handler_sets
 from postback_projection.calls import SWAP_LOCK
 
+log = get_logger(__name__)
 LIVE = "projection"
 REBUILD = "projection_rebuild"
 KEEP_OUT = {"schema_migrations", "outbox"}
@@ -41,6 +45,14 @@ class Replay:
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False, group_id=None
         )
+        # Topics written by several services at once (offsets.py); compacted ones have a
+        # single writer, and gaps of their own.
+        self.many_writers = {
+            settings.topic(h.topic)
+            for h in handler_sets(live=False)
+            if topic_named(h.topic).cleanup != "compact"
+        }
+        self.gaps = OffsetGaps()
         self.applied = 0
         self.partitions: list[TopicPartition] = []
 
@@ -51,6 +63,10 @@ class Replay:
             self.partitions += [TopicPartition(topic, p) for p in sorted(parts)]
         self.consumer.assign(self.partitions)
         await self.consumer.seek_to_beginning(*self.partitions)
+        starts = await self.consumer.beginning_offsets(self.partitions)
+        for tp, start in starts.items():
+            if tp.topic in self.many_writers:
+                self.gaps.expect(tp, start)
 
     async def until_end(self, progress: Progress) -> None:
         """Apply everything the topics hold now, and what arrives while doing so, until a
@@ -65,9 +81,13 @@ class Replay:
         behind = {tp for tp, end in ends.items() if await self.consumer.position(tp) < end}
         writing: list[asyncio.Task[None]] = []
         for _ in range(100_000):
-            batches = await self.consumer.getmany(
+            fetched = await self.consumer.getmany(
                 timeout_ms=0 if writing else 300, max_records=5000
             )
+            taken = await self.gaps.take(self.consumer, fetched)
+            for tp, first, end in taken.skipped:
+                log.error("offsets missing from the log", topic=tp.topic, first=first, end=end)
+            batches = taken.records
             by_topic: dict[str, list[Any]] = {}
             for tp, records in batches.items():
                 by_topic.setdefault(tp.topic, []).extend(records)
@@ -80,7 +100,7 @@ class Replay:
             self.applied += sum(n for _, _, n in decoded)
             behind = {tp for tp in behind if await self.consumer.position(tp) < ends[tp]}
             progress(self.applied, max(total, self.applied))
-            if not batches and not behind:
+            if not fetched and not behind:
                 return
         await asyncio.gather(*writing)
 

@@ -1,0 +1,119 @@
+"""Offsets that must follow on: a consumer takes a partition's records only up to the first gap
+in their offsets, and fetches again from the gap, until the missing records come or a gap has
+stood for `patience` seconds.
+
+On Kafka the offsets of a topic that is neither compacted nor written in transactions have no
+gaps: a consumer sees a record only once every record before it is readable. The embedded broker
+does not keep that promise. It can let a fetch see a batch while an earlier batch, written at the
+same moment by another producer, is not yet readable; a consumer that took the later batch would
+move past the earlier one for good (measured: 20 of 65,476 records, in gaps of one batch, with six
+producers on one partition). Waiting for the gap to fill costs nothing where there are none. A
+gap that stands is taken as the log's own (records deleted, say), and reported, rather than
+holding the partition for ever."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+PATIENCE_SECONDS = 5.0
+# A partition held back by a gap is fetched again this much later.
+RETRY_SECONDS = 0.01
+
+
+class Record(Protocol):
+    @property
+    def offset(self) -> int: ...
+
+
+R = TypeVar("R", bound=Record)
+
+
+@dataclass
+class Admitted(Generic[R]):
+    records: list[R]  # those that follow on from the offset expected
+    fetch_from: int | None = None  # where to fetch again, when a gap held records back
+    skipped: list[tuple[int, int]] = field(default_factory=list)  # gaps given up on: [first, end)
+
+
+@dataclass
+class Taken:
+    records: dict[TopicPartition, list[Any]]  # per partition, what follows on
+    held_back: list[TopicPartition]  # fetched again from a gap
+    skipped: list[tuple[TopicPartition, int, int]]  # gaps given up on: partition, [first, end)
+
+
+class OffsetGaps:
+    def __init__(
+        self, patience: float = PATIENCE_SECONDS, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.patience, self.clock = patience, clock
+        self._next: dict[TopicPartition, int] = {}
+        self._gap_since: dict[TopicPartition, float] = {}
+
+    def knows(self, tp: TopicPartition) -> bool:
+        return tp in self._next
+
+    def expect(self, tp: TopicPartition, offset: int) -> None:
+        """The next record of `tp` is at `offset`: where a fetch starts, or was moved to."""
+        self._next[tp] = offset
+        self._gap_since.pop(tp, None)
+
+    def forget(self, tps: Sequence[TopicPartition]) -> None:
+        """Partitions this consumer no longer reads: whoever has them now moves them on."""
+        for tp in tps:
+            self._next.pop(tp, None)
+            self._gap_since.pop(tp, None)
+
+    def admit(self, tp: TopicPartition, records: Sequence[R]) -> Admitted[R]:
+        """The records of one fetch of `tp` (in offset order) that follow on from those admitted
+        before; `tp` must be known (`expect`)."""
+        expected = self._next[tp]
+        taken: list[R] = []
+        skipped: list[tuple[int, int]] = []
+        for record in records:
+            if record.offset < expected:
+                continue  # had already
+            if record.offset > expected:
+                since = self._gap_since.setdefault(tp, self.clock())
+                if self.clock() - since < self.patience:
+                    self._next[tp] = expected
+                    return Admitted(taken, expected, skipped)
+                skipped.append((expected, record.offset))
+            self._gap_since.pop(tp, None)
+            taken.append(record)
+            expected = record.offset + 1
+        self._next[tp] = expected
+        return Admitted(taken, None, skipped)
+
+    async def take(
+        self,
+        consumer: AIOKafkaConsumer,
+        fetched: dict[TopicPartition, list[Any]],
+        start_of: Callable[[TopicPartition, int], Awaitable[int]] | None = None,
+    ) -> Taken:
+        """What a `getmany` answer holds that follows on. A partition held back is fetched
+        again from its gap, a moment later. Partitions not known are taken as they come, unless
+        `start_of(tp, first offset fetched)` says where their reading began."""
+        taken = Taken({}, [], [])
+        for tp, records in fetched.items():
+            if not self.knows(tp):
+                if start_of is None:
+                    taken.records[tp] = records
+                    continue
+                self.expect(tp, await start_of(tp, records[0].offset))
+            admitted = self.admit(tp, records)
+            taken.skipped += [(tp, first, end) for first, end in admitted.skipped]
+            if admitted.fetch_from is not None:
+                consumer.seek(tp, admitted.fetch_from)
+                taken.held_back.append(tp)
+            if admitted.records:
+                taken.records[tp] = admitted.records
+        if taken.held_back:
+            await asyncio.sleep(RETRY_SECONDS)
+        return taken

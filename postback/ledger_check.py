@@ -23,6 +23,7 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from postback_libs.events import LEDGER, CloudEvent
+from postback_libs.offsets import OffsetGaps
 from postback_libs.settings import Settings
 
 Totals = tuple[int, int, int, int]  # debits_pending, debits_posted, credits_pending, credits_posted
@@ -308,11 +309,15 @@ async def read_topic(settings: Settings, replay: Replay, settle_seconds: float =
         consumer.assign(parts)
         await consumer.seek_to_beginning(*parts)
         end = await consumer.end_offsets(parts)
+        # Settlement and ingress both write the ledger (postback_libs/offsets.py).
+        gaps = OffsetGaps()
+        for tp, start in (await consumer.beginning_offsets(parts)).items():
+            gaps.expect(tp, start)
         loop = asyncio.get_running_loop()
         caught_up_at: float | None = None
         while True:
             batch = await consumer.getmany(timeout_ms=200, max_records=10_000)
-            for records in batch.values():
+            for records in (await gaps.take(consumer, batch)).records.values():
                 for r in records:
                     if r.value:
                         with contextlib.suppress(ValueError):

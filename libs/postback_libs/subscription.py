@@ -5,7 +5,8 @@ and decoded while the previous one's transaction runs. Offsets are committed onl
 batches' effects are (twice a second at most, each commit overlapping the next batch), so a
 crash or a rebalance redelivers batches rather than losing them, and the applier recognises
 what was already applied. The loop runs on aiokafka directly: a fetch returns as soon as
-records arrive, and waits on the broker, not on a timer, while the topic is quiet."""
+records arrive, and waits on the broker, not on a timer, while the topic is quiet. A
+partition's records are taken only up to a gap in their offsets (offsets.py)."""
 
 from __future__ import annotations
 

@@ -326,8 +326,10 @@ async def read_topic(settings: Settings, replay: Replay, settle_seconds: float =
                 positions = [await consumer.position(tp) for tp in parts]
                 if all(pos >= end[tp] for pos, tp in zip(positions, parts, strict=True)):
                     caught_up_at = loop.time()
-            if caught_up_at is not None and (
-                not batch or loop.time() - caught_up_at > settle_seconds
+            if (
+                caught_up_at is not None
+                and not gaps.waiting()
+                and (not batch or loop.time() - caught_up_at > settle_seconds)
             ):
                 return
     finally:

@@ -77,6 +77,8 @@ class Service:
         self._workers: list[Worker] = []
         self._on_start: list[Worker] = []
         self._on_stop: list[Worker] = []
+        self._stop_requested = asyncio.Event()
+        self.crash: BaseException | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._checks: list[ReadinessCheck] = [self._db_ready, self._relay_ready]
         self._started = False
@@ -148,7 +150,14 @@ class Service:
         assert producer is not None
         applier = BatchApplier(handlers, self.pool, self.settings, self.name, producer, relay.wake)
         self.appliers.append(applier)
-        self.subscriptions.append(Subscription(applier, self.settings, f"postback-{self.name}"))
+        self.subscriptions.append(
+            Subscription(applier, self.settings, f"postback-{self.name}", self._crashed)
+        )
+
+    def _crashed(self, error: BaseException) -> None:
+        """A consumer loop died: stop, and exit non-zero so the supervisor starts this again."""
+        self.crash = error
+        self._stop_requested.set()
 
     async def stop(self) -> None:
         if not self._started:
@@ -184,7 +193,7 @@ class Service:
         """Run until SIGTERM or SIGINT, then drain."""
         configure_logging(self.name, self.settings.log_level)
         configure_tracing(self.name, self.settings.otel_exporter_endpoint)
-        stop = asyncio.Event()
+        stop = self._stop_requested
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
@@ -205,6 +214,8 @@ class Service:
         self._server.should_exit = True
         await http
         await self.stop()
+        if self.crash is not None:
+            raise SystemExit(1)
 
     async def _forget_old_inbox(self) -> None:
         """Hourly: the inbox would otherwise grow by a row per event handled, for ever."""

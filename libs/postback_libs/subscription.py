@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import ConsumerStoppedError, KafkaError
@@ -36,8 +37,17 @@ Fetched = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
 
 
 class Subscription:
-    def __init__(self, applier: BatchApplier, settings: Settings, client_id: str) -> None:
+    def __init__(
+        self,
+        applier: BatchApplier,
+        settings: Settings,
+        client_id: str,
+        on_crash: Callable[[BaseException], None] | None = None,
+    ) -> None:
         self.applier = applier
+        # Called if the loop dies of an error it does not handle (a bug): the process should
+        # stop and be started again rather than live on with a group that no longer consumes.
+        self.on_crash = on_crash
         self.max_records = applier.handlers.max_records or settings.consumer_max_records
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.kafka_bootstrap,
@@ -72,6 +82,15 @@ class Subscription:
         """Join the group; batches flow once this returns."""
         await self.consumer.start()
         self._task = asyncio.create_task(self._run(), name=f"consume {self.applier.group}")
+        self._task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        error = None if task.cancelled() else task.exception()
+        if error is None:
+            return
+        log.critical("consumer loop died", group=self.applier.group, error=repr(error))
+        if self.on_crash is not None:
+            self.on_crash(error)
 
     async def stop(self) -> None:
         """Finish the batch being written (its offsets committed), then leave the group. What
@@ -79,7 +98,8 @@ class Subscription:
         self._stopping = True
         if self._task is not None:
             self._task.cancel()  # writes run in their own task, shielded from this
-            with contextlib.suppress(asyncio.CancelledError):
+            # A loop that died has been reported (`_ended`); the rest still stops in order.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
         await self._settle(None)
         await self._commit_progress(force=True)
@@ -103,6 +123,7 @@ class Subscription:
                 await asyncio.sleep(1)
                 continue
             if self.gaps is not None:
+                # Outside the handler above: what getmany returned is never dropped for an error.
                 fetched = await self._hold_back_gaps(fetched)
             if not fetched:
                 await self._settle(None)
@@ -132,14 +153,13 @@ class Subscription:
         return taken.records
 
     async def _start_of(self, tp: TopicPartition, first: int) -> int:
-        """Where this consumer's reading of `tp` began: its group's committed offset, else the
-        log's start (`first`, the first record fetched, if the broker cannot say)."""
+        """Where this consumer's reading of `tp` began: its group's committed offset, or the
+        log's start if that is later (retention went past the group) or there is none; `first`,
+        the first record fetched, if the broker cannot say."""
         try:
             committed: int | None = await self.consumer.committed(tp)
-            if committed is not None:
-                return committed
             start: int = (await self.consumer.beginning_offsets([tp]))[tp]
-            return start
+            return start if committed is None else max(committed, start)
         except KafkaError as e:
             log.warning("start offset unknown", group=self.applier.group, error=repr(e))
             return first

@@ -387,3 +387,34 @@ async def test_offsets_are_committed_once_the_topic_goes_quiet(settings, monkeyp
             await eventually(committed_past_the_credit, timeout=10, what="offset committed")
         finally:
             await probe.stop()
+
+
+async def test_a_consumer_loop_that_dies_of_a_bug_says_so(settings):
+    """A loop that dies of an error it does not handle reports it, so that the service stops
+    and is started again instead of living on with a group that no longer consumes."""
+    handlers = Handlers(uid("group"), CALLS.name)
+
+    @handlers.on(CallRequested)
+    async def note(event, _payload, _uow) -> None:
+        pass
+
+    class Buggy(BatchApplier):
+        async def decode(self, records):
+            raise RuntimeError("a bug in decoding")
+
+    crashes: list[BaseException] = []
+    pool = await create_pool(settings.database_url, "routing")
+    producer = new_producer(settings)
+    await producer.start()
+    subscription = Subscription(
+        Buggy(handlers, pool, settings, "test", producer), settings, "test", crashes.append
+    )
+    try:
+        await subscription.start()
+        await publish(settings, CallRequested(request_id=uid("req"), consumer_id="c", api="a"))
+        await eventually(lambda: crashes, timeout=30, what="the crash reported")
+        assert isinstance(crashes[0], RuntimeError)
+    finally:
+        await subscription.stop()  # stops in order even so
+        await producer.stop()
+        await pool.close()

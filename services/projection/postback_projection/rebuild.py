@@ -100,7 +100,7 @@ class Replay:
             self.applied += sum(n for _, _, n in decoded)
             behind = {tp for tp in behind if await self.consumer.position(tp) < ends[tp]}
             progress(self.applied, max(total, self.applied))
-            if not fetched and not behind:
+            if not fetched and not behind and not self.gaps.waiting():
                 return
         await asyncio.gather(*writing)
 

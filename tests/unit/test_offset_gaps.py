@@ -97,8 +97,12 @@ def test_a_partition_given_up_is_forgotten_and_expected_afresh() -> None:
 
 
 class Consumer:
-    def __init__(self) -> None:
+    def __init__(self, *assigned: TopicPartition) -> None:
+        self.assigned = set(assigned)
         self.seeks: list[tuple[TopicPartition, int]] = []
+
+    def assignment(self) -> set[TopicPartition]:
+        return self.assigned
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
         self.seeks.append((tp, offset))
@@ -110,7 +114,7 @@ async def test_a_fetch_answer_is_cut_at_each_partitions_gap_and_that_partition_f
     g, _ = gaps(0)
     other = TopicPartition("postback.calls", 1)
     compacted = TopicPartition("postback.catalog", 0)  # never expected: taken as it comes
-    consumer = Consumer()
+    consumer = Consumer(TP, other, compacted)
 
     async def start_of(tp: TopicPartition, first: int) -> int:
         return 7  # its group's committed offset
@@ -127,3 +131,17 @@ async def test_a_fetch_answer_is_cut_at_each_partitions_gap_and_that_partition_f
     assert taken.held_back == [TP] and consumer.seeks == [(TP, 2)]
     plain = await g.take(consumer, {compacted: recs(3, 9)})  # type: ignore[arg-type]
     assert [r.offset for r in plain.records[compacted]] == [3, 9]
+
+
+async def test_a_partition_taken_away_while_its_start_was_asked_for_is_left_to_its_new_owner() -> (
+    None
+):
+    g = OffsetGaps()
+    consumer = Consumer(TP)
+
+    async def start_of(tp: TopicPartition, first: int) -> int:
+        consumer.assigned.clear()  # a rebalance, meanwhile
+        return 0
+
+    taken = await g.take(consumer, {TP: recs(0, 5)}, start_of)  # type: ignore[arg-type]
+    assert taken.records == {} and consumer.seeks == [] and not g.knows(TP)

@@ -310,9 +310,8 @@ async def read_topic(settings: Settings, replay: Replay, settle_seconds: float =
         await consumer.seek_to_beginning(*parts)
         end = await consumer.end_offsets(parts)
         # Settlement and ingress both write the ledger (postback_libs/offsets.py).
-        gaps = OffsetGaps()
-        for tp, start in (await consumer.beginning_offsets(parts)).items():
-            gaps.expect(tp, start)
+        gaps = OffsetGaps("ledger check")
+        await gaps.expect_log_start(consumer, parts)
         loop = asyncio.get_running_loop()
         caught_up_at: float | None = None
         while True:

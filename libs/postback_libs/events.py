@@ -40,10 +40,6 @@ DLQ = Topic("postback.dlq", "original key", "delete", -1, "Events a consumer gav
 TOPICS: tuple[Topic, ...] = (CALLS, DELIVERIES, LEDGER, CATALOG, ACCOUNTS, WEBHOOKS, DLQ)
 
 
-def topic_named(name: str) -> Topic:
-    return next(t for t in TOPICS if t.name == name)
-
-
 class EventData(BaseModel):
     """Base of every event's `data`. Subclasses name their type, topic and partition key."""
 

@@ -21,9 +21,20 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from postback_libs.events import TOPICS
+from postback_libs.logging import get_logger
+
+log = get_logger(__name__)
 PATIENCE_SECONDS = 5.0
 # A partition held back by a gap is fetched again this much later.
 RETRY_SECONDS = 0.01
+
+
+def guarded(topic: str) -> bool:
+    """Whether readers of `topic` (its name without prefix) wait for gaps: every topic of ours
+    but the compacted ones, which have gaps of their own once compacted and a single writer
+    each (ingress's relay), so none of the embedded broker's."""
+    return any(t.name == topic and t.cleanup != "compact" for t in TOPICS)
 
 
 class Record(Protocol):
@@ -50,8 +61,12 @@ class Taken:
 
 class OffsetGaps:
     def __init__(
-        self, patience: float = PATIENCE_SECONDS, clock: Callable[[], float] = time.monotonic
+        self,
+        reader: str,
+        patience: float = PATIENCE_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.reader = reader  # who reads, for the log
         self.patience, self.clock = patience, clock
         self._next: dict[TopicPartition, int] = {}
         self._gap_since: dict[TopicPartition, float] = {}
@@ -63,6 +78,14 @@ class OffsetGaps:
         """The next record of `tp` is at `offset`: where a fetch starts, or was moved to."""
         self._next[tp] = offset
         self._gap_since.pop(tp, None)
+
+    async def expect_log_start(
+        self, consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition]
+    ) -> None:
+        """`tps` are read from the beginning: each starts at its log's first offset."""
+        if tps:
+            for tp, start in (await consumer.beginning_offsets(list(tps))).items():
+                self.expect(tp, start)
 
     def waiting(self) -> bool:
         """Whether a partition is held back at a gap (its records are not all taken yet)."""
@@ -102,8 +125,9 @@ class OffsetGaps:
         start_of: Callable[[TopicPartition, int], Awaitable[int]] | None = None,
     ) -> Taken:
         """What a `getmany` answer holds that follows on. A partition held back is fetched
-        again from its gap, a moment later. Partitions not known are taken as they come, unless
-        `start_of(tp, first offset fetched)` says where their reading began."""
+        again from its gap, a moment later; a gap given up on is logged. Partitions not known
+        are taken as they come, unless `start_of(tp, first offset fetched)` says where their
+        reading began."""
         taken = Taken({}, [], [])
         for tp, records in fetched.items():
             if not self.knows(tp):
@@ -115,7 +139,16 @@ class OffsetGaps:
                     continue  # taken away meanwhile: its new owner reads it
                 self.expect(tp, start)
             admitted = self.admit(tp, records)
-            taken.skipped += [(tp, first, end) for first, end in admitted.skipped]
+            for first, end in admitted.skipped:
+                log.error(
+                    "offsets missing from the log, going on without them",
+                    reader=self.reader,
+                    topic=tp.topic,
+                    partition=tp.partition,
+                    first=first,
+                    end=end,
+                )
+                taken.skipped.append((tp, first, end))
             if admitted.fetch_from is not None:
                 consumer.seek(tp, admitted.fetch_from)
                 taken.held_back.append(tp)

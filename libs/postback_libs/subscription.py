@@ -19,10 +19,9 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord
 from aiokafka.errors import ConsumerStoppedError, KafkaError
 
 from postback_libs.consumer import BatchApplier
-from postback_libs.events import topic_named
 from postback_libs.logging import get_logger
 from postback_libs.metrics import OFFSET_GAPS_SKIPPED, OFFSET_GAPS_WAITED
-from postback_libs.offsets import OffsetGaps
+from postback_libs.offsets import OffsetGaps, guarded
 from postback_libs.settings import Settings
 
 log = get_logger(__name__)
@@ -62,13 +61,10 @@ class Subscription:
             else settings.kafka_fetch_max_wait_ms,
             max_poll_records=self.max_records,
         )
-        # Compacted topics have gaps of their own, and each has a single producer (ingress's
-        # relay), so none of the embedded broker's (offsets.py).
-        self.gaps = (
-            None if topic_named(applier.handlers.topic).cleanup == "compact" else OffsetGaps()
-        )
+        self.gaps = OffsetGaps(applier.group) if guarded(applier.handlers.topic) else None
         self.consumer.subscribe(
-            [settings.topic(applier.handlers.topic)], listener=_Forget(self.gaps)
+            [settings.topic(applier.handlers.topic)],
+            listener=_Forget(self.gaps) if self.gaps is not None else None,
         )
         self._task: asyncio.Task[None] | None = None
         self._commit: asyncio.Task[None] | None = None
@@ -140,16 +136,8 @@ class Subscription:
         assert self.gaps is not None
         taken = await self.gaps.take(self.consumer, fetched, self._start_of)
         OFFSET_GAPS_WAITED.labels(self.applier.group).inc(len(taken.held_back))
-        for tp, first, end in taken.skipped:
+        for _, first, end in taken.skipped:
             OFFSET_GAPS_SKIPPED.labels(self.applier.group).inc(end - first)
-            log.error(
-                "offsets missing from the log, going on without them",
-                group=self.applier.group,
-                topic=tp.topic,
-                partition=tp.partition,
-                first=first,
-                end=end,
-            )
         return taken.records
 
     async def _start_of(self, tp: TopicPartition, first: int) -> int:
@@ -224,13 +212,11 @@ class _Forget(ConsumerRebalanceListener):  # type: ignore[misc]
     """Partitions taken away are forgotten: when one comes back, its expected offset is its
     group's committed offset again, not where this consumer left it."""
 
-    def __init__(self, gaps: OffsetGaps | None) -> None:
+    def __init__(self, gaps: OffsetGaps) -> None:
         self.gaps = gaps
 
     def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        if self.gaps is not None:
-            self.gaps.forget(list(revoked))
+        self.gaps.forget(list(revoked))
 
     def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        if self.gaps is not None:
-            self.gaps.forget(list(assigned))
+        self.gaps.forget(list(assigned))

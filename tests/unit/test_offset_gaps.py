@@ -33,7 +33,7 @@ class Clock:
 
 def gaps(start: int = 0) -> tuple[OffsetGaps, Clock]:
     clock = Clock()
-    g = OffsetGaps(patience=5.0, clock=clock)
+    g = OffsetGaps("test", patience=5.0, clock=clock)
     g.expect(TP, start)
     return g, clock
 
@@ -136,7 +136,7 @@ async def test_a_fetch_answer_is_cut_at_each_partitions_gap_and_that_partition_f
 async def test_a_partition_taken_away_while_its_start_was_asked_for_is_left_to_its_new_owner() -> (
     None
 ):
-    g = OffsetGaps()
+    g = OffsetGaps("test")
     consumer = Consumer(TP)
 
     async def start_of(tp: TopicPartition, first: int) -> int:

@@ -18,15 +18,12 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from postback_libs.consumer import BatchApplier
 from postback_libs.db import create_pool, migrate
-from postback_libs.events import topic_named
-from postback_libs.logging import get_logger
-from postback_libs.offsets import OffsetGaps
+from postback_libs.offsets import OffsetGaps, guarded
 from postback_libs.outbox import new_producer
 from postback_libs.settings import Settings
 from postback_projection.app import handler_sets
 from postback_projection.calls import SWAP_LOCK
 
-log = get_logger(__name__)
 LIVE = "projection"
 REBUILD = "projection_rebuild"
 KEEP_OUT = {"schema_migrations", "outbox"}
@@ -45,14 +42,7 @@ class Replay:
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False, group_id=None
         )
-        # Topics written by several services at once (offsets.py); compacted ones have a
-        # single writer, and gaps of their own.
-        self.many_writers = {
-            settings.topic(h.topic)
-            for h in handler_sets(live=False)
-            if topic_named(h.topic).cleanup != "compact"
-        }
-        self.gaps = OffsetGaps()
+        self.gaps = OffsetGaps("projection rebuild")
         self.applied = 0
         self.partitions: list[TopicPartition] = []
 
@@ -63,10 +53,10 @@ class Replay:
             self.partitions += [TopicPartition(topic, p) for p in sorted(parts)]
         self.consumer.assign(self.partitions)
         await self.consumer.seek_to_beginning(*self.partitions)
-        starts = await self.consumer.beginning_offsets(self.partitions)
-        for tp, start in starts.items():
-            if tp.topic in self.many_writers:
-                self.gaps.expect(tp, start)
+        prefix = self.settings.topic_prefix
+        await self.gaps.expect_log_start(
+            self.consumer, [tp for tp in self.partitions if guarded(tp.topic.removeprefix(prefix))]
+        )
 
     async def until_end(self, progress: Progress) -> None:
         """Apply everything the topics hold now, and what arrives while doing so, until a
@@ -84,10 +74,7 @@ class Replay:
             fetched = await self.consumer.getmany(
                 timeout_ms=0 if writing else 300, max_records=5000
             )
-            taken = await self.gaps.take(self.consumer, fetched)
-            for tp, first, end in taken.skipped:
-                log.error("offsets missing from the log", topic=tp.topic, first=first, end=end)
-            batches = taken.records
+            batches = (await self.gaps.take(self.consumer, fetched)).records
             by_topic: dict[str, list[Any]] = {}
             for tp, records in batches.items():
                 by_topic.setdefault(tp.topic, []).extend(records)

@@ -162,7 +162,8 @@ def markdown(r: dict[str, Any], plot_name: str | None) -> str:
     if failed(e2e):
         lines += [f"Not measured: {failed(e2e)}", ""]
     else:
-        phases = [("latency", e2e["latency"])]
+        phases = [(x.get("name", "light"), x) for x in e2e.get("light", [])]
+        phases.append(("latency", e2e["latency"]))
         phases += [(x.get("name", "ramp"), x) for x in e2e.get("ramp", [])]
         if e2e["sustained"].get("separate_phase"):
             phases.append(("sustained", e2e["sustained"]))
@@ -216,9 +217,11 @@ def markdown(r: dict[str, Any], plot_name: str | None) -> str:
             f"Broker records per call: {_fmt(epc.get('per_call'))} "
             f"({', '.join(f'{k} {v}' for k, v in (epc.get('records') or {}).items() if v)}).",
             "",
-            "A phase keeps up when nothing is dropped or lost, ingress accepted >= 97 % of the "
-            "offered calls, webhooks came at >= 90 % of the offered rate, and latency did not "
-            "grow (p50 of the last fifth of the calls <= 2 x that of the first fifth + 500 ms). "
+            "Light steps run below the latency phase's rate on a stack of their own, lowest "
+            "first. A phase keeps up when nothing is dropped or lost, ingress accepted >= 97 % "
+            "of the offered calls, webhooks came at >= 90 % of the offered rate, and latency did "
+            "not grow (p50 of the last fifth of the calls <= 2 x that of the first fifth + 500 "
+            "ms). "
             "Lost: accepted (a row in ingress's table) and no webhook while none came for 15 s; "
             "late: still without a webhook when the wait for the backlog ran out while webhooks "
             "were still arriving (a backlog, not a loss). Accepted counts ingress's table; k6's "
@@ -227,7 +230,8 @@ def markdown(r: dict[str, Any], plot_name: str | None) -> str:
         ]
         if su.get("note"):
             lines += [f"_{su['note']}_", ""]
-        shown = [("latency", e2e["latency"])]
+        shown = [(x.get("name", "light"), x) for x in e2e.get("light", [])[:1]]  # cores not full
+        shown.append(("latency", e2e["latency"]))
         if su.get("separate_phase"):
             shown.append(("sustained", su))
         for name, x in shown:

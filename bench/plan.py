@@ -29,6 +29,9 @@ class Plan:
     drain_timeout: float
     ramp_rates: tuple[int, ...]
     ramp_seconds: float
+    # Below the latency phase's rate, on a stack of their own, lowest first: how far up the
+    # latency target holds (each step ramp_seconds long).
+    light_rates: tuple[int, ...]
     sustained_seconds: float  # 0: the best ramp step stands as the sustained figure
     # When 200/s did not keep up: steps of x1.3 above the rate found to keep up.
     climb_steps: int
@@ -62,6 +65,7 @@ FULL = Plan(
     drain_timeout=180,
     ramp_rates=(300, 400, 500, 650, 800),
     ramp_seconds=10,
+    light_rates=(25, 50, 100, 150),
     sustained_seconds=60,
     climb_steps=3,
     capacity_rate=200,
@@ -92,6 +96,7 @@ QUICK = Plan(
     drain_timeout=60,
     ramp_rates=(300,),
     ramp_seconds=8,
+    light_rates=(),
     sustained_seconds=0,
     climb_steps=0,
     capacity_rate=150,
@@ -123,6 +128,7 @@ TINY = Plan(
     drain_timeout=60,
     ramp_rates=(),
     ramp_seconds=2,
+    light_rates=(10,),
     sustained_seconds=0,
     climb_steps=0,
     capacity_rate=50,

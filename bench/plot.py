@@ -43,7 +43,8 @@ def plot(r: dict[str, Any], path: Path) -> bool:
         left.legend(fontsize=8)
     if not failed(e2e):
         # One point per offered rate (the latest phase at it), the sustained minute apart.
-        by_rate = {x["offered_per_second"]: x for x in [e2e["latency"], *e2e.get("ramp", [])]}
+        phases = [*e2e.get("light", []), e2e["latency"], *e2e.get("ramp", [])]
+        by_rate = {x["offered_per_second"]: x for x in phases}
         points = [by_rate[k] for k in sorted(by_rate)]
         su = e2e["sustained"]
         for q, style in styles.items():

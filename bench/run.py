@@ -272,6 +272,7 @@ class Run:
                     )
                 lat, _ = await self._step(e, "latency", p.latency_rate, seconds)
                 out["latency"] = lat
+            out["light"] = await self._light_load()
             best = lat if lat["kept_up"] else None
             ramp: list[dict[str, Any]] = []
             if best is None or p.ramp_rates:
@@ -304,6 +305,17 @@ class Run:
                     break
             out["resources"] = self.usage(whole)
         return out
+
+    async def _light_load(self) -> list[dict[str, Any]]:
+        """Steps below the latency phase's rate, lowest first, on a stack of their own: where
+        the latency target still holds, and what a call costs when the cores are not full."""
+        steps: list[dict[str, Any]] = []
+        if self.plan.light_rates:
+            async with self._e2e("e2e-light") as e:
+                for rate in self.plan.light_rates:
+                    step, _ = await self._step(e, f"light {rate}", rate, self.plan.ramp_seconds)
+                    steps.append(step)
+        return steps
 
     def _sustained_figure(
         self,

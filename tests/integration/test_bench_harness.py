@@ -91,7 +91,8 @@ async def test_tiny_run_writes_a_complete_report(
         numbers(row, "server_cpu_ms_per_request", "load_generator_cpu_ms_per_request")
 
     e2e = r["e2e"]
-    for phase in (e2e["latency"], e2e["sustained"], *e2e["ramp"]):
+    assert [x["offered_per_second"] for x in e2e["light"]] == list(TINY.light_rates)
+    for phase in (e2e["latency"], e2e["sustained"], *e2e["ramp"], *e2e["light"]):
         lost_zero(phase)
         numbers(phase["latency_ms"], "p50", "p95", "p99")
         assert isinstance(phase["kept_up"], bool)

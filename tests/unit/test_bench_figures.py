@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.figures import p99_target_holds_up_to
+from bench.figures import p99_target_holds_up_to, targets
 
 pytestmark = pytest.mark.unit
 
@@ -37,3 +37,18 @@ def test_the_latency_phase_counts_and_nothing_held_is_none() -> None:
     assert p99_target_holds_up_to({"e2e": {"latency": phase(200, 450)}}) == 200
     assert p99_target_holds_up_to({"e2e": {"light": [phase(25, 600)]}}) is None
     assert p99_target_holds_up_to({"e2e": {}}) is None
+
+
+def test_the_p99_target_row_says_how_far_up_it_held_only_when_light_steps_ran() -> None:
+    def row(e2e: dict[str, object]) -> str:
+        measured: str = targets({"e2e": e2e})[1]["measured"]
+        return measured
+
+    latency = phase(200, 2_100)
+    assert row({"latency": latency}) == "p99 2100 ms at 200 calls/s"
+    assert row({"latency": latency, "light": [phase(25, 210)]}).endswith(
+        "; p99 < 500 ms up to 25 calls/s"
+    )
+    assert row({"latency": latency, "light": [phase(25, 600)]}).endswith(
+        "; p99 >= 500 ms at every rate measured"
+    )

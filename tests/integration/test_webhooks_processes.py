@@ -150,11 +150,12 @@ async def test_rate_limit_holds_across_two_delivery_processes(settings, tmp_path
     times = sorted(t for t, _, _ in arrivals)
     assert len(times) == n and len({m for _, m, _ in arrivals}) == n  # each once, no more
     # A bucket of `rate` tokens refilled at `rate`/s, shared by both processes: 40 sends take
-    # at least 3 s (unlimited, they arrive within a fraction of a second), and no second holds
-    # more than the bucket plus a second's refill. Tokens are counted when a message is claimed;
-    # the receiver sees it a little later (the first ones open connections), so allow some
-    # scheduling jitter.
-    assert times[-1] - times[0] >= (n - rate) / rate - 0.3
+    # at least 3 s, and no second holds more than the bucket plus a second's refill. Unlimited,
+    # they arrive within a fraction of a second; a bucket per process lets them through at twice
+    # the rate, in 1 s. Tokens are counted when a message is claimed, and the first arrivals can
+    # lag their claim by much of a second (cold connections, a busy machine; measured 0.54 s),
+    # so the span allows a second of that and still tells a shared bucket from one per process.
+    assert times[-1] - times[0] >= (n - rate) / rate - 1.0
     for i, t in enumerate(times):
         in_window = sum(1 for u in times[i:] if u - t < 1.0)
         assert in_window <= 2 * rate + 2, (i, in_window)

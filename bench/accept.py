@@ -9,12 +9,13 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from bench.e2e import CONSUMERS, OPERATOR
-from bench.infra import BenchStack, listen_port
+from bench.infra import BenchStack
 from bench.loadgen import Load, run_k6, run_wrk, wrk_binary
 from bench.pgwait import WaitSampler
 from bench.procs import Helper
 from bench.profile import record
 from bench.stats import ratio
+from postback.embedded import free_port
 
 if TYPE_CHECKING:
     from bench.run import Run
@@ -27,7 +28,7 @@ async def measure(run: Run) -> dict[str, Any]:
     # Ingress alone: nothing downstream competes for the CPU, and the calls it accepts
     # stay on this phase's broker.
     stack = await run.start_stack(place, "ingress-stack", ("ingress",))
-    port = listen_port()
+    port = free_port()
     bare = Helper("bench.bare", ["--port", str(port)], run.logs / "bare.log")
     try:
         await asyncio.to_thread(bare.wait_http, f"http://127.0.0.1:{port}/readyz")

@@ -9,10 +9,7 @@ database instead.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import random
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +26,7 @@ from postback.embedded import (
     EMBEDDED_TOPIC_PARTITIONS,
     EmbeddedKafka,
     EmbeddedPostgres,
+    free_port,
 )
 from postback.stack import LOCAL_NETWORKS, Child, Stack
 from postback_libs.settings import SERVICES, Settings
@@ -39,34 +37,6 @@ SECRET_KEY = "bench-secret-key"  # noqa: S105
 # Up to 4 instances of one service plus the other five, each with a pool of 10 and a relay
 # connection, plus the harness's own: more than PostgreSQL's default of 100.
 MAX_CONNECTIONS = 300
-
-
-def _ephemeral_low() -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-def listen_port(n: int = 1) -> int:
-    """A base port with the n ports from it free on 127.0.0.1, below the ephemeral range.
-
-    A server's port must not be one the kernel may hand out as a client's source port: while
-    the server is still starting, a readiness probe to it can become a TCP self-connection that
-    echoes the probe back (seen as `BadStatusLine: GET /readyz`)."""
-    rng = random.Random()
-    high = _ephemeral_low() - n
-    for _ in range(200):
-        base = rng.randrange(10_000, high)
-        with contextlib.ExitStack() as stack:
-            try:
-                for port in range(base, base + n):
-                    s = stack.enter_context(socket.socket())
-                    s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return base
-    raise RuntimeError("no block of free ports on 127.0.0.1")
 
 
 def with_database(dsn: str, database: str) -> str:
@@ -136,7 +106,7 @@ class Infra:
     async def start(self) -> None:
         if self.external_pg is None:
             # Durable, as `postback up` runs it: a call is accepted only once it is on disk.
-            self.pg = EmbeddedPostgres(self.root / "pg", listen_port(), durable=True)
+            self.pg = EmbeddedPostgres(self.root / "pg", free_port(), durable=True)
             self.pg.start()
             self.admin_dsn = self.pg.dsn("postgres")
             conn = await asyncpg.connect(self.admin_dsn)
@@ -162,7 +132,7 @@ class Infra:
         if self.embedded:
             if self.kafka is not None:
                 self.kafka.stop()
-            self.kafka = EmbeddedKafka(listen_port(), self.root / "logs" / f"broker-{tag}.log")
+            self.kafka = EmbeddedKafka(free_port(), self.root / "logs" / f"broker-{tag}.log")
             self.kafka.start()
             bootstrap = self.kafka.bootstrap
         else:
@@ -191,7 +161,7 @@ class BenchStack(Stack):
     phase's broker and database, with room for more instances of one service."""
 
     def __init__(self, place: Place, data_dir: Path, **env: str) -> None:
-        super().__init__(data_dir, listen_port(len(SERVICES)))
+        super().__init__(data_dir, free_port(len(SERVICES)))
         self.place = place
         base = {k: v for k, v in os.environ.items() if not k.startswith("POSTBACK_")}
         self.env = {
@@ -221,7 +191,7 @@ class BenchStack(Stack):
     def spawn_extra(self, service: str, index: int) -> str:
         """One more process of `service`, on a port of its own, in the same consumer groups."""
         key = f"{service}#{index}"
-        port = listen_port()
+        port = free_port()
         child = Child(service, port, self.data_dir / "logs" / f"{service}-{index}.log")
         self.children[key] = child
         child.log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ import psutil
 
 from bench import accept, baselines, components, loadgen
 from bench.e2e import EndToEnd, setup_tenancy, slowest_hop_service
-from bench.infra import BenchStack, Infra, Place, listen_port, topic_partitions
+from bench.infra import BenchStack, Infra, Place, topic_partitions
 from bench.machine import (
     classify,
     git_commit,
@@ -35,6 +35,7 @@ from bench.plan import Plan
 from bench.procs import Helper
 from bench.profile import record
 from bench.resources import Sampler, Window
+from postback.embedded import free_port
 from postback_libs.settings import SERVICES
 
 GROWTH_WARMUP = 4
@@ -103,7 +104,7 @@ class Run:
         self.sampler.start()
         self.sampler.track("harness", os.getpid())
         loadgen.ON_START.append(lambda _pid: self.sampler.discover())
-        port = listen_port()
+        port = free_port()
         self.peers = Helper("bench.peers", ["--port", str(port)], self.logs / "peers.log")
         try:
             self.peers.first_line()

@@ -10,6 +10,7 @@ import contextlib
 import importlib.util
 import os
 import pwd
+import random
 import signal
 import socket
 import stat
@@ -43,12 +44,34 @@ EMBEDDED_FETCH_MAX_WAIT_MS = 20
 EMBEDDED_TOPIC_PARTITIONS = 4
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (another process may still take it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((_HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port(n: int = 1) -> int:
+    """A TCP port on 127.0.0.1, with the n - 1 after it, that was free a moment ago, taken
+    below the range the kernel hands out as clients' source ports.
+
+    A server's port must not be one of those: between the moment it is chosen and the moment
+    its server binds it, any outgoing connection on the machine may take it (seen as a service
+    failing to start with `address already in use`), and a readiness probe to a server still
+    starting can become a TCP self-connection that echoes the probe back."""
+    rng = random.Random()
+    high = _ephemeral_low() - n
+    for _ in range(200):
+        base = rng.randrange(10_000, high)
+        with contextlib.ExitStack() as stack:
+            try:
+                for port in range(base, base + n):
+                    sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                    sock.bind((_HOST, port))
+            except OSError:
+                continue
+        return base
+    raise RuntimeError(f"no {n} free ports in a row on {_HOST}")
 
 
 def _tail(log: IO[bytes], since: int) -> str:

@@ -4,7 +4,6 @@ processes. 50 calls mixing sync and async owners, one service killed with SIGKIL
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
@@ -20,6 +19,7 @@ from aiohttp import web
 from standardwebhooks.webhooks import Webhook
 
 from postback.embedded import free_port
+from postback_libs.settings import DEFAULT_PORTS
 from tests.helpers import HttpServer, eventually, receiver
 
 CALLS = 50
@@ -101,25 +101,6 @@ def patient_owner() -> HttpServer:
     return HttpServer({"/sync": sync, "/async": async_})
 
 
-def free_port_block(n: int = 6) -> int:
-    """A base port with the n ports from it free on 127.0.0.1."""
-    import socket
-
-    for _ in range(50):
-        base = free_port()
-        if base + n > 65535:
-            continue
-        with contextlib.ExitStack() as stack:
-            try:
-                for port in range(base, base + n):
-                    s = stack.enter_context(socket.socket())
-                    s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return base
-    raise RuntimeError("no block of free ports")
-
-
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -130,7 +111,7 @@ def alive(pid: int) -> bool:
 
 @pytest.mark.slow
 async def test_fifty_calls_survive_a_killed_service(tmp_path):
-    base = free_port_block()
+    base = free_port(len(DEFAULT_PORTS))
     proc, lines = start_stack(tmp_path / "stack", base)
     pids = {p.stem: int(p.read_text()) for p in (tmp_path / "stack" / "pids").glob("*.pid")}
     assert set(pids) == {

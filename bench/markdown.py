@@ -217,11 +217,15 @@ def markdown(r: dict[str, Any], plot_name: str | None) -> str:
             f"Broker records per call: {_fmt(epc.get('per_call'))} "
             f"({', '.join(f'{k} {v}' for k, v in (epc.get('records') or {}).items() if v)}).",
             "",
-            "Light steps run below the latency phase's rate on a stack of their own, lowest "
-            "first. A phase keeps up when nothing is dropped or lost, ingress accepted >= 97 % "
-            "of the offered calls, webhooks came at >= 90 % of the offered rate, and latency did "
-            "not grow (p50 of the last fifth of the calls <= 2 x that of the first fifth + 500 "
-            "ms). "
+            (
+                "Light steps run below the latency phase's rate on a stack of their own, lowest "
+                "first. "
+                if e2e.get("light")
+                else ""
+            )
+            + "A phase keeps up when nothing is dropped or lost, ingress accepted >= 97 % of the "
+            "offered calls, webhooks came at >= 90 % of the offered rate, and latency did not "
+            "grow (p50 of the last fifth of the calls <= 2 x that of the first fifth + 500 ms). "
             "Lost: accepted (a row in ingress's table) and no webhook while none came for 15 s; "
             "late: still without a webhook when the wait for the backlog ran out while webhooks "
             "were still arriving (a backlog, not a loss). Accepted counts ingress's table; k6's "

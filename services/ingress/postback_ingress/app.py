@@ -3,7 +3,7 @@ outbox, committed), owns accounts and the catalog, and answers reads from the re
 
 from __future__ import annotations
 
-from postback_ingress import accounts, calls, catalog, queries, statements, webhooks
+from postback_ingress import accounts, calls, catalog, deliveries, queries, statements, webhooks
 from postback_libs.runtime import Service
 from postback_libs.settings import Settings
 
@@ -20,5 +20,6 @@ def build(settings: Settings) -> Service:
     service.app.include_router(accounts.router(service))
     service.app.include_router(catalog.router(service))
     service.app.include_router(webhooks.router(service))
+    service.app.include_router(deliveries.router(service))
     service.app.include_router(statements.router(service))
     return service

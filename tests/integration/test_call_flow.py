@@ -129,6 +129,13 @@ async def test_calls_are_routed_settled_and_delivered_signed(settings):
         types = [step["type"] for step in view["timeline"]]
         assert types[0] == "call.requested" and types[-1] == "call.delivered"
         assert "call.settled" in types
+        # Where the owner's API runs and the platform's fee are the owner's to see.
+        assert not any(
+            {"upstream_url", "fee_bps", "fee"} & set(step["data"]) for step in view["timeline"]
+        )
+        owners_view = (await http.get(f"/v1/calls/{some}", headers=bearer(owner))).json()
+        routed = next(s for s in owners_view["timeline"] if s["type"] == "call.routed")
+        assert routed["data"]["upstream_url"].startswith("http")
         # 20 completed calls at PRICE each; the default fee is 10 %.
         await eventually(lambda: _has(http, consumer, 1000 - 20 * PRICE), what="debits")
         assert await balance(http, owner, "owner") == 20 * (PRICE - PRICE // 10)

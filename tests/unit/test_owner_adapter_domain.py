@@ -161,6 +161,17 @@ def test_post_with_nothing_sends_an_empty_object():
     assert json.loads(forward().body) == {}
 
 
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_the_target_events_record_never_holds_the_callback_token(method):
+    fwd = forward(
+        method=method, entry="internal_call", params={"webhook_url": "https://c.example/h"}
+    )
+    assert fwd.target == "https://o.example/api/v1/run"
+    assert "t0ken" not in fwd.target
+    if method == "GET":  # the owner itself still gets its token in the query string
+        assert parse_qs(urlsplit(fwd.url).query)["webhook_url"] == [f"{CALLBACK}?token=t0ken"]
+
+
 @pytest.mark.parametrize("entry", ["internal_call", "api_path"])
 def test_seed_compatible_entries_point_webhook_url_at_the_callback(entry):
     params = {"webhook_url": "https://consumer.example/hook", "x": 1}

@@ -18,6 +18,9 @@ from postback_libs.runtime import Service
 
 RETRY_AFTER_SECONDS = "1"
 DONE_STAGE = 7  # delivered or delivery failed: nothing more will happen to the call
+# What the owner's side of a call's events holds and its consumer is not shown: where the owner's
+# API runs, and the platform's share of the price.
+OWNER_ONLY_FIELDS = frozenset({"upstream_url", "fee_bps", "fee"})
 
 
 def error_as_problem(error: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -68,8 +71,9 @@ def router(service: Service) -> APIRouter:
 
     @api.get("/v1/calls/{request_id}", response_model=CallView)
     async def get_call(request_id: str, request: Request) -> JSONResponse:
-        """The call's status, its result when done, and the timeline of its events. While the
-        call is in progress the answer carries `Retry-After`."""
+        """The call's status, its result when done, and the timeline of its events (the owner's
+        upstream URL and the platform fee only for the API's owner). While the call is in
+        progress the answer carries `Retry-After`."""
         caller = await authenticate(service.pool, request)
         row = await service.pool.fetchrow(
             "SELECT * FROM projection.calls WHERE request_id = $1"
@@ -102,15 +106,14 @@ def router(service: Service) -> APIRouter:
             ' WHERE request_id = $1 ORDER BY "offset"',
             request_id,
         )
-        view = _view(
-            row,
-            [
-                TimelineEntry(
-                    type=e["type"], time=e["time"], source=e["source"], data=json.loads(e["data"])
-                )
-                for e in events
-            ],
-        )
+        hidden = frozenset() if row["owner_id"] == caller.account_id else OWNER_ONLY_FIELDS
+        timeline = []
+        for e in events:
+            data = {k: v for k, v in json.loads(e["data"]).items() if k not in hidden}
+            timeline.append(
+                TimelineEntry(type=e["type"], time=e["time"], source=e["source"], data=data)
+            )
+        view = _view(row, timeline)
         headers = {} if row["stage"] >= DONE_STAGE else {"Retry-After": RETRY_AFTER_SECONDS}
         return JSONResponse(view.model_dump(mode="json"), headers=headers)
 

@@ -115,7 +115,7 @@ def build(settings: Settings) -> Service:
         }
         if fwd.body is None:
             headers.pop("content-type", None)
-        dispatched = CallDispatched(request_id=rid, attempt=attempt, upstream_url=fwd.url)
+        dispatched = CallDispatched(request_id=rid, attempt=attempt, upstream_url=fwd.target)
         remaining = (row["deadline"] - datetime.now(UTC)).total_seconds()
         timeout = aiohttp.ClientTimeout(
             total=max(0.1, min(settings.owner_timeout_seconds, remaining))

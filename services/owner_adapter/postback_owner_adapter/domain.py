@@ -38,6 +38,9 @@ class Forward:
     url: str
     body: bytes | None
     headers: dict[str, str]
+    # The URL without the call's parameters: what events may record. The parameters can hold
+    # the callback token (seed-compatible `webhook_url`), which must never reach a topic.
+    target: str
 
 
 def build_forward(
@@ -58,7 +61,7 @@ def build_forward(
         # Seed-compatible form: an owner that posts its result to the `webhook_url` it was
         # given reaches Postback's callback, token included.
         params["webhook_url"] = f"{callback_url}?token={token}"
-    url = upstream_target(upstream_url, path)
+    url = target = upstream_target(upstream_url, path)
     payload: bytes | None = None
     if method in BODY_METHODS:
         payload = json.dumps(body if body is not None else params, separators=(",", ":")).encode()
@@ -74,7 +77,7 @@ def build_forward(
     }
     if payload is not None:
         headers["Content-Type"] = "application/json"
-    return Forward(method, url, payload, headers)
+    return Forward(method, url, payload, headers, target)
 
 
 Verdict = Literal["completed", "accepted", "retry", "refused", "too_large"]

@@ -24,7 +24,14 @@ from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
 from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 
-from postback_libs.events import DLQ, CloudEvent, DeadLetterRecorded, EventData, new_event
+from postback_libs.events import (
+    CONTENT_TYPE,
+    DLQ,
+    CloudEvent,
+    DeadLetterRecorded,
+    EventData,
+    new_event,
+)
 from postback_libs.logging import get_logger
 from postback_libs.metrics import CONSUMER_LAG, EVENTS_CONSUMED, HANDLER_SECONDS, SECONDS_BEHIND
 from postback_libs.outbox import UnitOfWork
@@ -268,12 +275,21 @@ class BatchApplier:
             original=(record.value or b"").decode(errors="replace"),
         )
         cause = f"{record.topic}:{record.partition}:{record.offset}:{self.group}"
-        event = new_event(letter, source=self.source, cause=cause)
+        trace = _header(record, "traceparent")
+        event = new_event(
+            letter,
+            source=self.source,
+            cause=cause,
+            cause_ms=record.timestamp,
+            traceparent=trace.decode(errors="replace") if trace else None,
+        )
+        # The headers every topic's records carry (the relay's), so CloudEvents clients and
+        # tracing read dead letters as they read the rest.
+        headers = [("content-type", CONTENT_TYPE.encode()), ("ce_type", event.type.encode())]
+        if trace:
+            headers.append(("traceparent", trace))
         await self.producer.send_and_wait(
-            self.settings.topic(DLQ.name),
-            value=event.to_bytes(),
-            key=key.encode(),
-            headers=[("ce_type", event.type.encode())],
+            self.settings.topic(DLQ.name), value=event.to_bytes(), key=key.encode(), headers=headers
         )
         ce_type = (_header(record, "ce_type") or b"?").decode(errors="replace")
         EVENTS_CONSUMED.labels(self.group, ce_type, "dead_lettered").inc()

@@ -103,10 +103,12 @@ def new_event(
     cause: str | None = None,
     traceparent: str | None = None,
     at: datetime | None = None,
+    cause_ms: int | None = None,
 ) -> CloudEvent:
     """Wrap `data` in an envelope. With a `cause` (the id of the event being handled) the id is
-    derived from it, so a handler that runs twice emits the same event twice, not two events."""
-    event_id = str(derived_id(cause, data.event_type)) if cause else new_event_id()
+    derived from it, so a handler that runs twice emits the same event twice, not two events.
+    The id keeps the time of the cause's UUIDv7; `cause_ms` stands in for a cause without one."""
+    event_id = str(derived_id(cause, data.event_type, ms=cause_ms)) if cause else new_event_id()
     return CloudEvent(
         id=event_id,
         source=source,

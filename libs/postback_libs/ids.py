@@ -76,25 +76,33 @@ def uuid7_ms(value: uuid.UUID | str) -> int:
     return u.int >> 80
 
 
-def _uuid7_ms_of(text: str) -> int | None:
-    """The milliseconds of a UUIDv7 written as 36 or 32 hex digits, else None. Checked by shape
-    before parsing: most causes (`<event id>:<transfer id>`, `req_...`) are not UUIDs, and a
-    failed parse costs an exception per derived id."""
-    if not ((len(text) == 36 and text[14] == "7") or (len(text) == 32 and text[12] == "7")):
-        return None
-    try:
-        u = uuid.UUID(text)
-    except ValueError:
-        return None
-    return u.int >> 80 if u.version == 7 else None
+def _uuid7_ms_of(cause: str) -> int | None:
+    """The milliseconds of the first UUIDv7 a cause names, in any of its `:`-separated parts,
+    bare or as the body of a prefixed id (`<event id>:<transfer id>`, `settlement:expired:req_...`);
+    None when it names none. Checked by shape before parsing: a failed parse costs an exception."""
+    for part in cause.split(":"):
+        text = part.rpartition("_")[2]
+        if not ((len(text) == 36 and text[14] == "7") or (len(text) == 32 and text[12] == "7")):
+            continue
+        try:
+            u = uuid.UUID(text)
+        except ValueError:
+            continue
+        if u.version == 7:
+            return u.int >> 80
+    return None
 
 
-def derived_id(cause: uuid.UUID | str, purpose: str) -> uuid.UUID:
+def derived_id(cause: uuid.UUID | str, purpose: str, *, ms: int | None = None) -> uuid.UUID:
+    """The same id for the same (cause, purpose), with the time of the first UUIDv7 the cause
+    names, else `ms` (say, the log time of the record it stands for). A cause with neither
+    still yields the same id every time, with a time taken from the hash: never for an event."""
     cause_s = str(cause)
     digest = hashlib.sha256(f"{cause_s}|{purpose}".encode()).digest()
-    ms = _uuid7_ms_of(cause_s)
-    # A cause without a timestamp still yields the same id every time.
-    return _uuid7_from(ms if ms is not None else int.from_bytes(digest[10:16], "big"), digest)
+    at = _uuid7_ms_of(cause_s)
+    if at is None:
+        at = ms if ms is not None else int.from_bytes(digest[10:16], "big")
+    return _uuid7_from(at, digest)
 
 
 def new_request_id() -> str:

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import asyncpg
 
 from postback_libs.consumer import BatchApplier, Handlers, purge_inbox
 from postback_libs.db import create_pool
 from postback_libs.events import CALLS, CallCompleted, CallRequested, CreditRequested, new_event
+from postback_libs.ids import uuid7_ms
 from postback_libs.metrics import EVENTS_CONSUMED
 from postback_libs.outbox import new_producer
 from postback_libs.subscription import Subscription
@@ -185,6 +187,11 @@ async def test_an_event_whose_handler_keeps_failing_is_dead_lettered_after_retri
         assert letter.data["attempts"] == settings.handler_retries + 1
         assert json.loads(letter.data["original"])["id"] == poison_event.id
         assert "int64" in letter.data["error"] or "range" in letter.data["error"]
+        # Time-ordered like every event id, carrying the dead-lettered record's time; read
+        # like every topic's records.
+        assert abs(uuid7_ms(letter.id) - time.time() * 1000) < 600_000
+        [raw] = dlq.raw
+        assert dict(raw.headers)["content-type"] == b"application/cloudevents+json"
         assert await consumer_balance(svc, consumer) == (100, 10)
         [reservation] = await fetch(svc, "SELECT amount FROM reservations")
         assert reservation["amount"] == 10

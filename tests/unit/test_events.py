@@ -277,6 +277,27 @@ def test_a_derived_id_keeps_the_time_of_a_uuid7_cause():
     assert ids.uuid7_ms(ids.derived_id(cause, "call.routed")) == ids.uuid7_ms(cause)
 
 
+@pytest.mark.parametrize(
+    "shape",
+    [
+        "{event}:{transfer}",  # settlement's transfers: <event id>:<transfer id>
+        "settlement:expired:req_{hex}",  # the sweeper's refunds name the request id
+        "ep_{hex}:2025-01-01T00:00:00+00:00",
+    ],
+)
+def test_a_derived_id_keeps_the_time_of_the_first_uuid7_its_cause_names(shape):
+    first = ids.uuid7()
+    cause = shape.format(event=first, transfer="tr_x", hex=first.hex)
+    assert ids.uuid7_ms(ids.derived_id(cause, "transfer.reserved")) == ids.uuid7_ms(first)
+
+
+def test_a_cause_without_a_uuid7_takes_the_time_given():
+    cause = "postback.calls:3:1234:delivery"  # a dead letter: the record's place in the log
+    derived = ids.derived_id(cause, "dead_letter.recorded", ms=1_700_000_000_000)
+    assert ids.uuid7_ms(derived) == 1_700_000_000_000
+    assert derived == ids.derived_id(cause, "dead_letter.recorded", ms=1_700_000_000_000)
+
+
 def test_new_request_id_format():
     rid = ids.new_request_id()
     assert rid.startswith("req_")

@@ -223,6 +223,17 @@ class AttemptResult:
         return self.status_code is not None and 200 <= self.status_code < 300
 
 
+def recordable(text: str) -> str:
+    """`text` as JSON and PostgreSQL take it: bytes that were not UTF-8 (which the HTTP parser
+    keeps as lone surrogates) and NULs become U+FFFD. A receiver's answer is recorded with the
+    attempt, and one that cannot be written must not stop the recording of every other."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that stands for no byte
+        raw = text.encode("utf-8", "replace")
+    return raw.decode("utf-8", "replace").replace("\x00", "\ufffd")
+
+
 def _kept_headers(headers: Mapping[str, str]) -> dict[str, str]:
     kept: dict[str, str] = {}
     budget = _HEADER_BUDGET
@@ -230,7 +241,7 @@ def _kept_headers(headers: Mapping[str, str]) -> dict[str, str]:
         cost = len(name) + len(value)
         if name in kept or cost > budget:
             continue
-        kept[name] = value
+        kept[recordable(name)] = recordable(value)
         budget -= cost
     return kept
 
@@ -253,12 +264,13 @@ async def post_message(
     try:
         async with session.post(url, data=body, headers=headers, allow_redirects=False) as resp:
             excerpt = (await read_capped(resp, excerpt_bytes)).decode(errors="replace")
+            retry_after = resp.headers.get("retry-after")
             return AttemptResult(
                 status_code=resp.status,
                 latency_ms=round((time.perf_counter() - started) * 1000, 2),
-                excerpt=excerpt,
+                excerpt=recordable(excerpt),
                 headers=_kept_headers(resp.headers) if keep_headers else {},
-                retry_after=resp.headers.get("retry-after"),
+                retry_after=recordable(retry_after) if retry_after is not None else None,
             )
     except Exception as e:  # any failure to get an answer is the attempt's outcome
         return AttemptResult(

@@ -226,6 +226,46 @@ async def test_a_receiver_that_fails_redirects_times_out_then_recovers(settings)
         assert (row["status"], row["attempts"]) == ("succeeded", 4)
 
 
+async def test_an_answer_that_is_not_utf8_is_recorded_and_holds_nothing_up(settings):
+    """A receiver's header that is not UTF-8 and a NUL in its body are recorded as U+FFFD;
+    such an answer once stopped the recording of every attempt."""
+    answers = [
+        b"HTTP/1.1 500 Oops\r\nX-Weird: caf\xe9\xff\r\nContent-Length: 4\r\n"
+        b"Connection: close\r\n\r\nn\x00o\xff",
+        b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n",
+    ]
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answers.pop(0) if len(answers) > 1 else answers[0])
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    consumer = uid("acc")
+    try:
+        async with (
+            TopicReader(settings, "postback.deliveries") as deliveries,
+            running(settings, delivery) as [svc],
+        ):
+            ep = endpoint(f"http://127.0.0.1:{port}/hook", consumer, retry_schedule=[0, 0.2])
+            await subscribe(settings, svc, ep)
+            await publish(settings, *completed_call(consumer))
+            [ok] = await events_of(deliveries, "delivery.succeeded")
+            attempts = sorted(
+                deliveries.of_type("delivery.attempted"), key=lambda e: e.data["attempt"]
+            )
+            assert [a.data.get("status_code") for a in attempts] == [500, 204]
+            assert attempts[0].data["response_headers"]["X-Weird"] == "caf\ufffd\ufffd"
+            assert attempts[0].data["response_excerpt"] == "n\ufffdo\ufffd"
+            [row] = await fetch(svc, "SELECT status, last_error FROM deliveries")
+            assert row["status"] == "succeeded"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 async def test_429_retry_after_pauses_the_whole_endpoint(settings):
     consumer = uid("acc")
     answers = [web.Response(status=429, headers={"Retry-After": "1"})]

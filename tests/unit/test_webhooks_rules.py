@@ -29,6 +29,7 @@ from postback_libs.webhooks import (
     endpoint_signature,
     message_headers,
     public_key,
+    recordable,
     secret_key,
     subscribed,
     unknown_patterns,
@@ -292,3 +293,18 @@ def test_messages_for_a_final_event():
         )
     )
     assert messages_for(event, rejected, quiet, endpoints[1:]) == []
+
+
+@pytest.mark.parametrize(
+    ("text", "kept"),
+    [
+        ("plain é", "plain é"),
+        ("caf\udce9\udcff", "caf\ufffd\ufffd"),  # bytes not UTF-8, as the HTTP parser keeps them
+        ("a\x00b", "a\ufffdb"),  # PostgreSQL text and jsonb refuse NUL
+        ("lone \ud800", "lone ?"),  # a surrogate that stands for no byte
+        ("\udcc3\udca9", "é"),  # UTF-8 bytes a parser kept as surrogates are UTF-8 again
+    ],
+)
+def test_a_receivers_answer_is_made_recordable(text, kept):
+    assert recordable(text) == kept
+    recordable(text).encode("utf-8")  # and JSON-encodable: no surrogate left

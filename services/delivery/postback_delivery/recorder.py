@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
+
+import asyncpg
 
 from postback_delivery import domain, store
 from postback_delivery.domain import Decision
@@ -34,6 +36,8 @@ from postback_libs.settings import Settings
 from postback_libs.webhooks import NOTIFICATION_EVENTS, AttemptResult
 
 log = get_logger(__name__)
+# The database being away, as opposed to something in a batch that cannot be written.
+UNAVAILABLE = (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError)
 
 
 @dataclass(frozen=True)
@@ -136,7 +140,7 @@ class Recorder:
             try:
                 await self.write([o for o, _ in batch])
                 failures = 0
-            except Exception as e:
+            except UNAVAILABLE as e:
                 failures += 1
                 log.warning("recording attempts failed, retrying", error=repr(e), n=len(batch))
                 if self._stopping and failures > 3:
@@ -147,8 +151,40 @@ class Recorder:
                 self._pending[:0] = batch
                 await asyncio.sleep(min(0.1 * 2**failures, 5.0))
                 continue
+            except Exception as e:
+                # Not the database being away: an outcome in the batch cannot be written. One
+                # by one, so that it holds up only itself.
+                log.error("recording attempts failed", error=repr(e), n=len(batch))
+                for i, (outcome, done) in enumerate(batch):
+                    try:
+                        await self._write_alone(outcome)
+                    except UNAVAILABLE:
+                        self._pending[:0] = batch[i:]
+                        break
+                    done()
+                continue
             for _, done in batch:
                 done()
+
+    async def _write_alone(self, outcome: Outcome) -> None:
+        """Record one outcome; if it cannot be, record it without the receiver's answer, and if
+        not even that, give it up: its lease runs out and it is attempted again."""
+        try:
+            await self.write([outcome])
+            return
+        except UNAVAILABLE:
+            raise
+        except Exception as e:
+            log.error(
+                "attempt not recordable", delivery_id=outcome.claimed.delivery_id, error=repr(e)
+            )
+        bare = replace(outcome.result, excerpt="(answer not recordable)", headers={})
+        try:
+            await self.write([replace(outcome, result=bare)])
+        except UNAVAILABLE:
+            raise
+        except Exception as e:
+            log.error("attempt given up", delivery_id=outcome.claimed.delivery_id, error=repr(e))
 
     def stop(self) -> None:
         self._stopping = True

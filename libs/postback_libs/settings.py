@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 from functools import lru_cache
 from typing import Literal
 
@@ -22,6 +23,11 @@ DEFAULT_PORTS: dict[str, int] = {
     "delivery": 8084,
     "projection": 8085,
 }
+
+
+# The longest wait between two webhook attempts a schedule may ask for (the default's longest is
+# 10 h): a longer one would mean a message nobody hears of for weeks.
+MAX_RETRY_DELAY_SECONDS = 7 * 86400
 
 
 class Settings(BaseSettings):
@@ -163,8 +169,13 @@ class Settings(BaseSettings):
             steps = [float(s) for s in v.split(",") if s.strip()]
         except ValueError as e:
             raise ValueError("retry_schedule must be comma-separated seconds") from e
-        if not steps or any(s < 0 for s in steps):
-            raise ValueError("retry_schedule needs at least one non-negative number")
+        if not steps or not all(
+            math.isfinite(s) and 0 <= s <= MAX_RETRY_DELAY_SECONDS for s in steps
+        ):
+            raise ValueError(
+                f"retry_schedule needs at least one number of seconds, each from 0 to "
+                f"{MAX_RETRY_DELAY_SECONDS}"
+            )
         return v
 
     @field_validator("allowed_networks")

@@ -111,6 +111,11 @@ async def test_endpoint_crud_is_owned_by_the_account_and_errors_are_problems(set
             await create(url="https://x.example/", rate_limit_per_second=0), 422, "validation-error"
         )
         problem(await create(url="https://x.example/", colour="red"), 422, "validation-error")
+        for schedule in ([1e12], [-1], []):  # a step of 1e12 s would never come due
+            retry = {"schedule": schedule}
+            problem(
+                await create(url="https://x.example/", retry_policy=retry), 422, "validation-error"
+            )
         body = problem(
             await create(url="https://x.example/", event_types=["call.complete"]),
             422,

@@ -12,12 +12,14 @@ from hypothesis import strategies as st
 
 from postback_delivery.domain import (
     MAX_RETRY_AFTER,
+    RetryPolicy,
     judge,
-    next_delay,
     outcome_data,
+    plan_retry,
     retry_after_seconds,
     webhook_body,
 )
+from postback_libs.settings import MAX_RETRY_DELAY_SECONDS
 
 pytestmark = pytest.mark.unit
 
@@ -127,6 +129,12 @@ def test_failed_outcome_with_refund_cost():
 # Retry schedule -----------------------------------------------------------------------------
 
 
+def next_delay(schedule: list[float], attempts_made: int, rng: random.Random) -> float | None:
+    """Seconds until the attempt after `attempts_made`, as `plan_retry` plans it."""
+    due = plan_retry(RetryPolicy(tuple(schedule)), attempts_made, NOW, NOW, rng)
+    return None if due is None else (due - NOW).total_seconds()
+
+
 def test_next_delay_follows_the_schedule_with_jitter():
     rng = random.Random(7)
     for attempts_made, base in enumerate(SCHEDULE):
@@ -166,9 +174,18 @@ def test_next_delay_property(schedule, attempts_made, seed):
     if attempts_made >= len(schedule):
         assert delay is None
     else:
-        base = schedule[attempts_made]
+        base = min(schedule[attempts_made], MAX_RETRY_DELAY_SECONDS)
         assert delay is not None
-        assert base * 0.8 - 1e-9 <= delay <= base * 1.2 + 1e-9
+        assert base * 0.8 - 1e-5 <= delay <= base * 1.2 + 1e-5
+
+
+@pytest.mark.parametrize("step", [1e12, math.inf, -5.0, math.nan])
+def test_a_step_out_of_bounds_is_held_to_them(step):
+    """Schedules are checked where they are set; one from an older event must still give a
+    time (a step of 1e12 s once raised, after the request had gone out)."""
+    delay = next_delay([step], 0, random.Random(1))
+    assert delay is not None
+    assert 0 <= delay <= 1.2 * MAX_RETRY_DELAY_SECONDS
 
 
 # Retry-After --------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal
 
+from postback_libs.settings import MAX_RETRY_DELAY_SECONDS
+
 MAX_RETRY_AFTER = 24 * 3600.0
 
 
@@ -35,14 +37,6 @@ def outcome_data(
     if cost is not None:
         data["cost"] = cost
     return data
-
-
-def next_delay(schedule: list[float], attempts_made: int, rng: random.Random) -> float | None:
-    """Seconds until the next attempt after `attempts_made` attempts, ±20 % jitter; None when
-    the schedule is exhausted. `schedule[i]` is the wait before attempt i+1."""
-    if attempts_made >= len(schedule):
-        return None
-    return schedule[attempts_made] * rng.uniform(0.8, 1.2)
 
 
 def retry_after_seconds(value: str | None, now: datetime) -> float | None:
@@ -107,6 +101,8 @@ def plan_retry(
     if (limit is not None and attempts_made >= limit) or not policy.schedule:
         return None
     step = policy.schedule[min(attempts_made, len(policy.schedule) - 1)]
+    # Schedules are checked where they are set; one from an older event is held to the bounds.
+    step = 0.0 if math.isnan(step) else min(max(step, 0.0), MAX_RETRY_DELAY_SECONDS)
     delay = step * rng.uniform(0.8, 1.2)
     if retry_after is not None:
         delay = max(delay, retry_after)

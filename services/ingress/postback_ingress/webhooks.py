@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import json
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -37,6 +37,7 @@ from postback_libs.ids import uuid7_hex
 from postback_libs.outbound import AddressPolicy, guarded_session
 from postback_libs.outbox import UnitOfWork
 from postback_libs.runtime import Service
+from postback_libs.settings import MAX_RETRY_DELAY_SECONDS
 from postback_libs.webhooks import (
     SUBSCRIBABLE_EVENTS,
     TEST_EVENT,
@@ -55,7 +56,7 @@ MAX_ENDPOINTS_PER_ACCOUNT = 100
 
 class RetryPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    schedule: list[float] | None = Field(
+    schedule: list[Annotated[float, Field(ge=0, le=MAX_RETRY_DELAY_SECONDS)]] | None = Field(
         None, min_length=1, max_length=30, description="Seconds before each attempt."
     )
     max_attempts: int | None = Field(None, ge=1, le=100)

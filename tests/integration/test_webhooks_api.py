@@ -132,9 +132,20 @@ async def test_endpoint_crud_is_owned_by_the_account_and_errors_are_problems(set
             422,
             "validation-error",
         )
+        # Times need an offset (RFC 3339): a naive one beside an aware one was a 500.
+        for window in (
+            {"since": "yesterday"},
+            {"since": "2025-01-01T10:00:00"},
+            {"since": "2025-01-01T10:00:00Z", "until": "2025-01-02T10:00:00"},
+        ):
+            problem(
+                await http.post(f"/v1/webhooks/{ep}/recover", headers=bearer(alice), json=window),
+                422,
+                "validation-error",
+            )
         problem(
-            await http.post(
-                f"/v1/webhooks/{ep}/recover", headers=bearer(alice), json={"since": "yesterday"}
+            await http.get(
+                f"/v1/webhooks/{ep}/attempts?before=2025-01-01T10:00:00", headers=bearer(alice)
             ),
             422,
             "validation-error",

@@ -8,11 +8,10 @@ events on `postback.deliveries` (decision 0011)."""
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
-from pydantic import BaseModel, ConfigDict
+from pydantic import AwareDatetime, BaseModel, ConfigDict
 
 from postback_ingress.auth import authenticate
 from postback_ingress.webhooks import load_endpoint, require_enabled
@@ -24,8 +23,8 @@ from postback_libs.runtime import Service
 
 class Recovery(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    since: datetime
-    until: datetime | None = None
+    since: AwareDatetime
+    until: AwareDatetime | None = None
 
 
 def router(service: Service) -> APIRouter:
@@ -146,7 +145,7 @@ def router(service: Service) -> APIRouter:
         endpoint_id: str,
         request: Request,
         limit: int = Query(50, ge=1, le=100),
-        before: datetime | None = Query(None, description="Only attempts made before this."),
+        before: AwareDatetime | None = Query(None, description="Only attempts made before this."),
     ) -> dict[str, Any]:
         """The endpoint's attempts, newest first (test messages included)."""
         caller = await authenticate(service.pool, request)
@@ -167,7 +166,7 @@ def router(service: Service) -> APIRouter:
         request: Request,
         status: Literal["pending", "succeeded", "failed", "exhausted"] | None = None,
         limit: int = Query(50, ge=1, le=100),
-        before: datetime | None = Query(None, description="Only messages made before this."),
+        before: AwareDatetime | None = Query(None, description="Only messages made before this."),
     ) -> dict[str, Any]:
         """The endpoint's messages, newest first; `status=exhausted` lists the dead letters."""
         caller = await authenticate(service.pool, request)

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
+from pydantic import AwareDatetime
 
 from postback_ingress.auth import authenticate
 from postback_ingress.models import CallView, TimelineEntry
@@ -125,8 +126,8 @@ def router(service: Service) -> APIRouter:
         ),
         status: str | None = Query(None, max_length=40),
         api_ref: str | None = Query(None, alias="api", max_length=200),
-        since: datetime | None = Query(None, description="Requested at or after (RFC 3339)."),
-        until: datetime | None = Query(None, description="Requested before (RFC 3339)."),
+        since: AwareDatetime | None = Query(None, description="Requested at or after (RFC 3339)."),
+        until: AwareDatetime | None = Query(None, description="Requested before (RFC 3339)."),
         limit: int = Query(50, ge=1, le=200),
         cursor: str | None = None,
     ) -> JSONResponse:

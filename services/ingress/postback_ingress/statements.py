@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
 from postback_ingress.auth import authenticate, require_operator, require_role
 from postback_libs.events import CorrectionRequested
@@ -267,8 +267,8 @@ def router(service: Service) -> APIRouter:
     @api.get("/v1/accounts/me/earnings", response_model=Earnings)
     async def earnings(
         request: Request,
-        since: datetime | None = Query(None, description="Captured at or after (RFC 3339)."),
-        until: datetime | None = Query(None, description="Captured before (RFC 3339)."),
+        since: AwareDatetime | None = Query(None, description="Captured at or after (RFC 3339)."),
+        until: AwareDatetime | None = Query(None, description="Captured before (RFC 3339)."),
     ) -> Earnings:
         """What your APIs earned (owner): captured after the platform fee, per API."""
         caller = await authenticate(service.pool, request)

@@ -105,4 +105,4 @@ async def test_a_replayed_batch_starts_nothing_twice(pool, settings):
     first, _ = await one_batch(pool, settings, events, 5)
     second, waiting = await one_batch(pool, settings, events, 5)
     assert (len(first), second, waiting) == (1, [], 0)
-    assert first[0].created_at <= datetime.now(UTC)
+    assert first[0].cycle_started_at <= datetime.now(UTC)

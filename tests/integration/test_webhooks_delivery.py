@@ -252,7 +252,7 @@ async def test_an_answer_that_is_not_utf8_is_recorded_and_holds_nothing_up(setti
             ep = endpoint(f"http://127.0.0.1:{port}/hook", consumer, retry_schedule=[0, 0.2])
             await subscribe(settings, svc, ep)
             await publish(settings, *completed_call(consumer))
-            [ok] = await events_of(deliveries, "delivery.succeeded")
+            await events_of(deliveries, "delivery.succeeded")
             attempts = sorted(
                 deliveries.of_type("delivery.attempted"), key=lambda e: e.data["attempt"]
             )
@@ -489,3 +489,39 @@ async def test_continuous_failure_disables_the_endpoint(settings):
         count = len(hooks.received)
         await asyncio.sleep(0.6)
         assert len(hooks.received) == count
+
+
+async def test_a_resent_message_gets_a_whole_retry_window_again(settings):
+    settings = settings.model_copy(update={"circuit_failure_threshold": 100})
+    failures_left = [1_000]  # failing until the message is exhausted, then once more
+
+    def script(n: int, request: web.Request) -> web.Response:
+        failures_left[0] -= 1
+        return web.Response(status=500 if failures_left[0] >= 0 else 200)
+
+    consumer = uid("acc")
+    async with (
+        Receiver(script) as hooks,
+        TopicReader(settings, "postback.deliveries") as deliveries,
+        running(settings, delivery) as [svc],
+    ):
+        # No attempt limit: retries every 0.3 s until a second has passed since the message.
+        ep = endpoint(hooks.hook, consumer, retry_schedule=[0, 0.3], retry_window_seconds=1)
+        await subscribe(settings, svc, ep)
+        await publish(settings, *completed_call(consumer))
+        [exhausted] = await events_of(deliveries, "delivery.exhausted")
+        failures_left[0] = 1
+        await publish(
+            settings,
+            DeliveryResendRequested(
+                delivery_id=exhausted.subject,
+                message_id=exhausted.data["message_id"],
+                endpoint_id=ep.endpoint_id,
+                account_id=consumer,
+            ),
+        )
+        # The resend's window counts from the resend: its first failure is retried, not the
+        # end of the message (the window from the message's making closed long ago).
+        [ok] = await events_of(deliveries, "delivery.succeeded")
+        assert ok.data["attempts"] == exhausted.data["attempts"] + 2
+        assert len(deliveries.of_type("delivery.exhausted")) == 1

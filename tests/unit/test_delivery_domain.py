@@ -302,7 +302,7 @@ def test_a_claim_that_waited_too_long_is_not_sent() -> None:
         body=b"{}",
         attempts=1,
         retry_base=0,
-        created_at=datetime.now(UTC),
+        cycle_started_at=datetime.now(UTC),
         claimed_at=_time.monotonic(),
     )
     assert queue.can_start(fresh)

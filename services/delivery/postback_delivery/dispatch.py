@@ -39,6 +39,12 @@ log = get_logger(__name__)
 USER_AGENT = "Postback/0.1.0"
 
 
+@functools.lru_cache(maxsize=8192)
+def _consumer_secret(master: bytes, account_id: str) -> str:
+    # Cached, and bounded: every attempt signs, and there is one secret per consumer account.
+    return derive_secret(master, "consumer", account_id)
+
+
 class Sender:
     """One attempt: sign with every valid secret of the destination, post, judge the answer."""
 
@@ -47,7 +53,6 @@ class Sender:
         self.default = RetryPolicy(tuple(settings.retry_delays))
         self.session = session
         self.rng = random.Random()
-        self._consumer_secrets: dict[str, str] = {}
 
     def policy(self, c: Claimed) -> RetryPolicy:
         e = c.endpoint
@@ -64,10 +69,7 @@ class Sender:
             return endpoint_signature(
                 self.master, e.endpoint_id, e.signing, versions, c.message_id, timestamp, c.body
             )
-        secret = self._consumer_secrets.get(c.account_id)
-        if secret is None:
-            secret = derive_secret(self.master, "consumer", c.account_id)
-            self._consumer_secrets[c.account_id] = secret
+        secret = _consumer_secret(self.master, c.account_id)
         return signature_header([secret], c.message_id, timestamp, c.body)
 
     async def attempt(self, c: Claimed) -> Outcome:
@@ -86,7 +88,7 @@ class Sender:
             result.retry_after,
             self.policy(c),
             c.attempts - c.retry_base,
-            c.created_at,
+            c.cycle_started_at,
             datetime.now(UTC),
             self.rng,
         )

@@ -91,7 +91,7 @@ class RetryPolicy:
 def plan_retry(
     policy: RetryPolicy,
     attempts_made: int,
-    created_at: datetime,
+    cycle_started_at: datetime,
     now: datetime,
     rng: random.Random,
     retry_after: float | None = None,
@@ -107,7 +107,7 @@ def plan_retry(
     if retry_after is not None:
         delay = max(delay, retry_after)
     due = now + timedelta(seconds=delay)
-    if policy.window_seconds is not None and due > created_at + timedelta(
+    if policy.window_seconds is not None and due > cycle_started_at + timedelta(
         seconds=policy.window_seconds
     ):
         return None
@@ -133,7 +133,7 @@ def decide(
     retry_after_header: str | None,
     policy: RetryPolicy,
     attempts_made: int,
-    created_at: datetime,
+    cycle_started_at: datetime,
     now: datetime,
     rng: random.Random,
 ) -> Decision:
@@ -150,7 +150,7 @@ def decide(
     retry_after = (
         retry_after_seconds(retry_after_header, now) if status_code in (429, 503) else None
     )
-    due = plan_retry(policy, attempts_made, created_at, now, rng, retry_after)
+    due = plan_retry(policy, attempts_made, cycle_started_at, now, rng, retry_after)
     if due is None:
         return Decision("exhausted", verdict, error=error, retry_after=retry_after)
     return Decision("pending", verdict, retry_at=due, error=error, retry_after=retry_after)

@@ -133,6 +133,7 @@ def endpoints(wake: Wake) -> Handlers:
 
 REQUEUE = """
 UPDATE deliveries SET status = 'pending', next_attempt_at = now(), retry_base = attempts,
+    cycle_started_at = now(),
     held = false, last_error = NULL, lease_until = NULL, updated_at = now()
 WHERE delivery_id IN (SELECT delivery_id FROM deliveries WHERE {where} FOR UPDATE)
 RETURNING delivery_id, message_id, request_id, endpoint_id, account_id,

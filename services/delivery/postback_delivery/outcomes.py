@@ -280,7 +280,7 @@ class CallBatch:
                         body=msg.body,
                         attempts=1,
                         retry_base=0,
-                        created_at=row["created_at"],
+                        cycle_started_at=row["created_at"],
                         claimed_at=claimed_at,
                     )
                 )

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from postback_libs.events import EVENT_TYPES, TOPICS, envelope_model
+from postback_libs.events import EVENT_TYPES, TOPICS, Topic, envelope_model
 from postback_libs.settings import Settings
 
 
@@ -26,6 +26,26 @@ def event_schemas() -> dict[str, dict[str, Any]]:
     return out
 
 
+# The Kafka headers on every record: a consumer can filter and trace without parsing the value.
+HEADERS = {
+    "type": "object",
+    "properties": {
+        "content-type": {"const": "application/cloudevents+json"},
+        "ce_type": {"type": "string", "description": "The event's `type`."},
+        "traceparent": {"type": "string", "description": "W3C trace context, when traced."},
+    },
+    "required": ["content-type", "ce_type"],
+}
+
+
+def _kept(topic: Topic) -> str:
+    if topic.cleanup == "compact":
+        return "Compacted: the latest event of each key is kept"
+    if topic.retention_ms < 0:
+        return "Kept forever"
+    return f"Kept {topic.retention_ms // 86_400_000} days"
+
+
 def asyncapi() -> dict[str, Any]:
     channels: dict[str, Any] = {}
     operations: dict[str, Any] = {}
@@ -35,8 +55,7 @@ def asyncapi() -> dict[str, Any]:
         channel_id = topic.name.replace(".", "_")
         channels[channel_id] = {
             "address": topic.name,
-            "description": f"{topic.description} Key: {topic.key}. Cleanup: {topic.cleanup}"
-            + (", kept forever." if topic.retention_ms < 0 else f", {topic.retention_ms} ms."),
+            "description": f"{topic.description} Key: {topic.key}. {_kept(topic)}.",
             "messages": {
                 t.replace(".", "_"): {"$ref": f"#/components/messages/{t.replace('.', '_')}"}
                 for t in types
@@ -51,6 +70,15 @@ def asyncapi() -> dict[str, Any]:
                 "name": t,
                 "contentType": "application/cloudevents+json",
                 "summary": (EVENT_TYPES[t].__doc__ or t).strip().splitlines()[0],
+                "headers": HEADERS,
+                "bindings": {
+                    "kafka": {
+                        "key": {
+                            "type": "string",
+                            "description": f"The event's subject: {EVENT_TYPES[t].key_doc}.",
+                        }
+                    }
+                },
                 "payload": {"$ref": f"events/{t}.json"},
             }
     return {
@@ -86,8 +114,16 @@ def topics_doc(schemas: dict[str, dict[str, Any]]) -> str:
         "Every message is a CloudEvents 1.0 structured-mode JSON object (`specversion`, `id`,",
         "`source`, `type`, `subject`, `time`, `datacontenttype`, `data`, and the `traceparent`",
         "extension); the Kafka key is the event's `subject`, and the header `ce_type` repeats its",
-        "type so a consumer can skip what it does not want without parsing. All events of one",
-        "key are in one partition, in order.",
+        "type so a consumer can skip what it does not want without parsing (`content-type` is",
+        "`application/cloudevents+json`; `traceparent` carries the trace when there is one). All",
+        "events of one key are in one partition, in order.",
+        "",
+        "**At least once.** A producer that crashes after publishing may publish the same event",
+        "again, with the same `id`: deduplicate by `id` (an inbox of the ids you applied) before",
+        "anything you count or sum. Event ids are UUIDv7: they sort by the time they were made.",
+        "",
+        "**Money** is an integer number of the smallest unit of the platform's one currency",
+        "(cents, say), never a float. A call's `amount` is its price, fee included.",
         "",
         "**Compatibility.** An event type never changes meaning. New optional fields may appear",
         "in any event at any time: ignore fields you do not know. A changed meaning is a new",
@@ -113,7 +149,8 @@ def topics_doc(schemas: dict[str, dict[str, Any]]) -> str:
             fields = ", ".join(
                 f"`{name}`" + ("" if name in required else "?") for name in data["properties"]
             )
-            out.append(f"- **`{type_}`** — {' '.join(doc.split())} Data: {fields}.")
+            key = EVENT_TYPES[type_].key_doc
+            out.append(f"- **`{type_}`** — {' '.join(doc.split())} Key: {key}. Data: {fields}.")
     return "\n".join(out) + "\n"
 
 

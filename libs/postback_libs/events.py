@@ -30,9 +30,19 @@ class Topic:
 WEEK_MS = 7 * 24 * 3600 * 1000
 CALLS = Topic("postback.calls", "request id", "delete", WEEK_MS, "The story of every call.")
 DELIVERIES = Topic(
-    "postback.deliveries", "delivery id", "delete", WEEK_MS, "Every webhook delivery attempt."
+    "postback.deliveries",
+    "delivery id (endpoint id for an endpoint's own events)",
+    "delete",
+    WEEK_MS,
+    "Every webhook message, its attempts and its outcome; resend and recover commands.",
 )
-LEDGER = Topic("postback.ledger", "ledger account id", "delete", -1, "Every movement of money.")
+LEDGER = Topic(
+    "postback.ledger",
+    "ledger account (`consumer:<account id>`, `owner:<account id>`)",
+    "delete",
+    -1,
+    "Every movement of money, and the requests and refusals that lead to one.",
+)
 CATALOG = Topic("postback.catalog", "api id", "compact", -1, "Full state of every API.")
 ACCOUNTS = Topic("postback.accounts", "account id", "compact", -1, "Accounts, hashes only.")
 WEBHOOKS = Topic("postback.webhooks", "endpoint id", "compact", -1, "Webhook endpoints.")
@@ -46,6 +56,7 @@ class EventData(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
     event_type: ClassVar[str]
     topic: ClassVar[Topic]
+    key_doc: ClassVar[str]  # how the key is made, for the topics guide
 
     def key(self) -> str:
         raise NotImplementedError
@@ -64,6 +75,7 @@ def event(type_: str, topic: Topic, key: str | None = None) -> Any:
         cls.topic = topic
         if key is not None:
             cls.key = lambda self: str(getattr(self, key))  # type: ignore[method-assign]
+            cls.key_doc = f"`{key}`"
         EVENT_TYPES[type_] = cls
         return cls
 
@@ -265,13 +277,16 @@ class CallSettled(CallRef):
 
     consumer_id: str
     owner_id: str
-    amount: Money = Field(ge=0)
-    fee: Money = Field(ge=0)
+    amount: Money = Field(
+        ge=0, description="The call's price, fee included: what the consumer paid."
+    )
+    fee: Money = Field(ge=0, description="The platform's part; the owner got `amount - fee`.")
 
 
 @event("call.refunded", CALLS, "request_id")
 class CallRefunded(CallRef):
-    """The reservation was voided because the call failed or timed out."""
+    """The reservation was voided because the call failed or timed out (`outcome`); one no
+    outcome came for by long past its deadline is refunded as `call.timed_out` too."""
 
     consumer_id: str
     amount: Money = Field(ge=0)
@@ -325,6 +340,8 @@ class DeliveryAttempted(DeliveryRef):
 
 @event("delivery.succeeded", DELIVERIES, "delivery_id")
 class DeliverySucceeded(DeliveryRef):
+    """The destination answered 2xx: the message is delivered."""
+
     attempts: int = Field(ge=1)
 
 
@@ -338,6 +355,8 @@ class DeliveryFailed(DeliveryRef):
 
 @event("delivery.exhausted", DELIVERIES, "delivery_id")
 class DeliveryExhausted(DeliveryRef):
+    """Every attempt the retry policy allows failed; the message can be resent."""
+
     attempts: int = Field(ge=1)
     last_error: str = ""
 
@@ -348,6 +367,8 @@ class EndpointRef(EventData):
 
 @event("endpoint.disabled", DELIVERIES, "endpoint_id")
 class EndpointDisabled(EndpointRef):
+    """Delivery disabled an endpoint: it answered 410 Gone, or failed for too long."""
+
     account_id: str
     reason: str
 
@@ -358,6 +379,7 @@ class EndpointDisabled(EndpointRef):
 
 
 class ConsumerLedgerEvent(EventData):
+    key_doc: ClassVar[str] = "`consumer:` + `account_id`"
     account_id: str
 
     def key(self) -> str:
@@ -375,9 +397,11 @@ class CreditRequested(ConsumerLedgerEvent):
 
 @event("account.credited", LEDGER)
 class AccountCredited(ConsumerLedgerEvent):
+    """Settlement credited an account from operator funding."""
+
     credit_id: str
     amount: Money = Field(gt=0)
-    balance: Money
+    balance: Money = Field(description="The posted balance after the credit.")
 
 
 class TransferMoved(EventData):
@@ -393,22 +417,28 @@ class TransferMoved(EventData):
 
 @event("transfer.reserved", LEDGER, "debit_account")
 class TransferReserved(TransferMoved):
-    pass
+    """A pending transfer: the amount is held on the debit account until posted or voided."""
 
 
 @event("transfer.posted", LEDGER, "debit_account")
 class TransferPosted(TransferMoved):
+    """The pending transfer `pending_id` was captured: the amount moved."""
+
     pending_id: str
 
 
 @event("transfer.voided", LEDGER, "debit_account")
 class TransferVoided(TransferMoved):
+    """The pending transfer `pending_id` was released: nothing moved."""
+
     pending_id: str
 
 
 @event("balance.low", LEDGER)
 class BalanceLow(ConsumerLedgerEvent):
-    balance: Money
+    """A consumer's available balance fell below the low-balance threshold."""
+
+    balance: Money = Field(description="Available: the posted balance less what calls hold.")
     threshold: Money
 
 
@@ -450,6 +480,7 @@ class ApiState(BaseModel):
 
 
 class ApiChange(EventData):
+    key_doc: ClassVar[str] = "`api.api_id`"
     api: ApiState
 
     def key(self) -> str:
@@ -458,17 +489,17 @@ class ApiChange(EventData):
 
 @event("api.registered", CATALOG)
 class ApiRegistered(ApiChange):
-    pass
+    """An owner registered an API; `api` is its whole state."""
 
 
 @event("api.updated", CATALOG)
 class ApiUpdated(ApiChange):
-    pass
+    """An API changed; `api` is its whole new state."""
 
 
 @event("api.retired", CATALOG)
 class ApiRetired(ApiChange):
-    pass
+    """An API was retired: no new calls are routed to it."""
 
 
 # postback.accounts --------------------------------------------------------------------------
@@ -485,6 +516,7 @@ class AccountState(BaseModel):
 
 
 class AccountChange(EventData):
+    key_doc: ClassVar[str] = "`account.account_id`"
     account: AccountState
 
     def key(self) -> str:
@@ -493,16 +525,20 @@ class AccountChange(EventData):
 
 @event("account.created", ACCOUNTS)
 class AccountCreated(AccountChange):
-    pass
+    """An account was made; it carries the hash of its secret, never the secret."""
 
 
 @event("account.key_rotated", ACCOUNTS)
 class AccountKeyRotated(AccountChange):
+    """The account's secret was replaced; the previous one works until the time given."""
+
     previous_key_valid_until: datetime
 
 
 @event("account.suspended", ACCOUNTS)
 class AccountSuspended(AccountChange):
+    """The account may make no calls until it is reinstated."""
+
     reason: str = ""
 
 
@@ -558,6 +594,7 @@ class EndpointState(BaseModel):
 
 
 class EndpointChange(EventData):
+    key_doc: ClassVar[str] = "`endpoint.endpoint_id`"
     endpoint: EndpointState
 
     def key(self) -> str:
@@ -566,21 +603,23 @@ class EndpointChange(EventData):
 
 @event("endpoint.created", WEBHOOKS)
 class EndpointCreated(EndpointChange):
-    pass
+    """A webhook endpoint was made; `endpoint` is its whole state (no secret)."""
 
 
 @event("endpoint.updated", WEBHOOKS)
 class EndpointUpdated(EndpointChange):
-    pass
+    """An endpoint changed (by its account, or disabled by delivery); its whole new state."""
 
 
 @event("endpoint.deleted", WEBHOOKS)
 class EndpointDeleted(EndpointChange):
-    pass
+    """An endpoint was deleted: nothing more is sent to it."""
 
 
 @event("endpoint.secret_rotated", WEBHOOKS)
 class EndpointSecretRotated(EndpointChange):
+    """The endpoint's signing secret was rotated; the previous one signs until the time given."""
+
     previous_secret_valid_until: datetime
 
 
@@ -640,6 +679,7 @@ LedgerRole = Literal["consumer", "owner"]
 
 
 class RoleLedgerEvent(EventData):
+    key_doc: ClassVar[str] = "`role` + `:` + `account_id`"
     account_id: str
     role: LedgerRole = "consumer"
 

@@ -24,6 +24,7 @@ from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
 from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 
+from postback_libs.db import delete_in_chunks
 from postback_libs.events import (
     CONTENT_TYPE,
     DLQ,
@@ -102,22 +103,15 @@ def _header(record: ConsumerRecord[bytes, bytes], name: str) -> bytes | None:
     return None
 
 
-PURGE_INBOX = """
-DELETE FROM inbox WHERE ctid = ANY(ARRAY(
-    SELECT ctid FROM inbox WHERE processed_at < now() - make_interval(days => $1) LIMIT $2))
-"""
-
-
 async def purge_inbox(pool: Any, retention_days: int, chunk: int = 10_000) -> int:
-    """Forget processed event ids older than the retention, a chunk per statement so no
-    transaction holds many rows; returns how many went."""
-    purged = 0
-    while True:
-        result: str = await pool.execute(PURGE_INBOX, retention_days, chunk)
-        n = int(result.split()[-1])
-        purged += n
-        if n < chunk:
-            return purged
+    """Forget processed event ids older than the retention; returns how many went."""
+    return await delete_in_chunks(
+        pool,
+        "inbox",
+        "processed_at < now() - make_interval(days => $1)",
+        retention_days,
+        chunk=chunk,
+    )
 
 
 class BatchApplier:

@@ -56,6 +56,25 @@ async def create_pool(dsn: str, schema: str, *, min_size: int = 2, max_size: int
     )
 
 
+async def delete_in_chunks(
+    pool: Any, table: str, where: str, *args: Any, chunk: int = 10_000
+) -> int:
+    """Delete the rows of `table` matching `where` (its parameters `args`), `chunk` rows per
+    statement so that no transaction holds many; returns how many went. `table` and `where`
+    are the caller's own SQL, never input."""
+    statement = (
+        f"DELETE FROM {table} WHERE ctid = ANY(ARRAY("
+        f"SELECT ctid FROM {table} WHERE {where} LIMIT {int(chunk)}))"
+    )
+    deleted = 0
+    while True:
+        result: str = await pool.execute(statement, *args)
+        n = int(result.split()[-1])
+        deleted += n
+        if n < chunk:
+            return deleted
+
+
 async def _rollback_if_open(conn: Any) -> None:
     """What a pooled connection needs on its way back. asyncpg's default reset (unlock, close,
     unlisten, RESET ALL) is a round trip per release, and nothing here leaves session state:

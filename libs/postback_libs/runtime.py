@@ -75,6 +75,7 @@ class Service:
         self.appliers: list[BatchApplier] = []
         self._handlers: list[Handlers] = []
         self._workers: list[Worker] = []
+        self.purges: list[Worker] = []
         self._on_start: list[Worker] = []
         self._on_stop: list[Worker] = []
         self._stop_requested = asyncio.Event()
@@ -93,6 +94,11 @@ class Service:
     def worker(self, fn: Worker) -> Worker:
         """A long-running coroutine that stops when the service is stopping."""
         self._workers.append(fn)
+        return fn
+
+    def purge(self, fn: Worker) -> Worker:
+        """An hourly job that forgets what is past its retention, beside the inbox's."""
+        self.purges.append(fn)
         return fn
 
     def on_start(self, fn: Worker) -> Worker:
@@ -139,7 +145,7 @@ class Service:
             self._subscribe(handlers)
         # Groups join in parallel: each join waits on the broker's rebalance delay.
         await asyncio.gather(*(sub.start() for sub in self.subscriptions))
-        for fn in (*self._workers, self._forget_old_inbox):
+        for fn in (*self._workers, self._housekeeping):
             self._tasks.append(asyncio.create_task(fn(), name=fn.__name__))
         self._started = True
         log.info("service started", port=s.port_for(self.name))
@@ -217,13 +223,19 @@ class Service:
         if self.crash is not None:
             raise SystemExit(1)
 
-    async def _forget_old_inbox(self) -> None:
-        """Hourly: the inbox would otherwise grow by a row per event handled, for ever."""
+    async def _housekeeping(self) -> None:
+        """Hourly: the inbox, and whatever else the service keeps, would otherwise grow with
+        every event handled, for ever."""
+
+        async def forget_old_inbox() -> None:
+            await purge_inbox(self.pool, self.settings.inbox_retention_days)
+
         while not self.stopping:
-            try:
-                await purge_inbox(self.pool, self.settings.inbox_retention_days)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
-                log.warning("inbox purge failed", error=repr(e))
+            for purge in (forget_old_inbox, *self.purges):
+                try:
+                    await purge()
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+                    log.warning("purge failed", purge=purge.__name__, error=repr(e))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), 3600)
 

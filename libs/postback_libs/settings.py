@@ -155,7 +155,10 @@ class Settings(BaseSettings):
         60.0, gt=0, description="/readyz fails while the read model is further behind."
     )
     result_retention_days: int = Field(
-        30, ge=1, description="Results and response bodies older than this are purged."
+        30,
+        ge=1,
+        description="Results, response bodies, webhook messages and forwarded calls are "
+        "forgotten this long after they finished; the read model keeps each call's status.",
     )
 
     # Observability

@@ -347,6 +347,17 @@ async def test_delivery_history_resend_recover_and_a_disabled_endpoint(settings)
             404,
             "delivery-not-found",
         )
+        # Past the retention its body is gone: nothing to send again.
+        await svc.pool.execute(
+            "UPDATE projection.deliveries SET updated_at = now() - interval '31 days'"
+            " WHERE delivery_id = $1",
+            done["delivery_id"],
+        )
+        problem(
+            await http.post(f"/v1/deliveries/{done['delivery_id']}/resend", headers=bearer(alice)),
+            410,
+            "message-expired",
+        )
 
         # 410: delivery disables it, ingress shows it; enabling it again lets messages flow.
         mode["status"] = 410

@@ -11,6 +11,7 @@ from postback_delivery import handlers
 from postback_delivery.dispatch import USER_AGENT, Dispatcher, Sender
 from postback_delivery.recorder import Recorder
 from postback_delivery.store import Queue
+from postback_libs.db import delete_in_chunks
 from postback_libs.outbound import AddressPolicy, guarded_session
 from postback_libs.runtime import Service
 from postback_libs.settings import Settings
@@ -41,6 +42,18 @@ def build(settings: Settings) -> Service:
 
     service.worker(recorder.run)
     service.worker(dispatcher.run)
+
+    @service.purge
+    async def forget_finished_messages() -> None:
+        # Their bodies hold results, kept no longer than the read model keeps them; the read
+        # model keeps their history.
+        await delete_in_chunks(
+            service.pool,
+            "deliveries",
+            "status IN ('succeeded', 'failed', 'exhausted')"
+            " AND updated_at < now() - make_interval(days => $1)",
+            settings.result_retention_days,
+        )
 
     @service.on_stop
     async def drain() -> None:

@@ -8,6 +8,7 @@ events on `postback.deliveries` (decision 0011)."""
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
@@ -68,6 +69,14 @@ def router(service: Service) -> APIRouter:
         if d["status"] == "pending":
             raise Problem(
                 409, "delivery-in-progress", "Delivery in progress", "it is still being retried"
+            )
+        kept = timedelta(days=service.settings.result_retention_days)
+        if d["updated_at"] is not None and d["updated_at"] < datetime.now(UTC) - kept:
+            raise Problem(
+                410,
+                "message-expired",
+                "Message expired",
+                f"a message is kept {kept.days} days after its last attempt",
             )
         if d["endpoint_id"] is not None:
             row = await service.pool.fetchrow(

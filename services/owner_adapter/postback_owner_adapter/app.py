@@ -20,6 +20,7 @@ import aiohttp
 from fastapi import Request, Response
 
 from postback_libs.consumer import Handlers
+from postback_libs.db import delete_in_chunks
 from postback_libs.events import (
     CALLS,
     CallAccepted,
@@ -230,6 +231,17 @@ def build(settings: Settings) -> Service:
 
     queue = WorkQueue(claim, dispatch_claimed, concurrency=settings.dispatch_concurrency)
     service.worker(queue.run)
+
+    @service.purge
+    async def forget_finished_dispatches() -> None:
+        # They hold each call's parameters and body: kept no longer than results are.
+        await delete_in_chunks(
+            service.pool,
+            "dispatches",
+            "status IN ('completed', 'failed', 'timed_out', 'cancelled')"
+            " AND updated_at < now() - make_interval(days => $1)",
+            settings.result_retention_days,
+        )
 
     @service.worker
     async def deadline_keeper() -> None:

@@ -4,7 +4,6 @@ projection rebuild` replays the topics into a fresh schema and swaps it in."""
 
 from __future__ import annotations
 
-import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -60,15 +59,10 @@ def build(settings: Settings) -> Service:
             return f"read model {behind:.0f} s ({events} events) behind the topics"
         return None
 
-    @service.worker
-    async def retention() -> None:
-        while not service.stopping:
-            cutoff = datetime.now(UTC) - timedelta(days=settings.result_retention_days)
-            async with service.pool.acquire() as conn:
-                await purge_old_bodies(conn, cutoff)
-            for _ in range(3600):  # hourly, but stop promptly
-                if service.stopping:
-                    return
-                await asyncio.sleep(1)
+    @service.purge
+    async def forget_old_bodies() -> None:
+        cutoff = datetime.now(UTC) - timedelta(days=settings.result_retention_days)
+        async with service.pool.acquire() as conn:
+            await purge_old_bodies(conn, cutoff)
 
     return service

@@ -217,30 +217,39 @@ class Recorder:
                     by_endpoint.setdefault(o.claimed.endpoint_id, []).append(o)
                 if o.decision.status == "exhausted":
                     await self._announce_exhausted(uow, o)
-            now = datetime.now(UTC)
-            changed: dict[str, Health] = {}
-            releases: dict[str, int] = {}
-            disabled: list[tuple[Any, str]] = []
-            for endpoint_id, done in by_endpoint.items():
-                row = locked.get(endpoint_id)
-                if row is None or row["deleted"] or row["disabled_at"] is not None:
-                    continue
-                results = [(_endpoint_result(o.decision), o.decision.retry_after) for o in done]
-                before, after, disable = store.fold_health(row, results, now, self.breaker)
-                if after != before:
-                    changed[endpoint_id] = after
-                if disable is not None:
-                    disabled.append((row, disable))
-                    continue
-                # Held messages wait for a slot (FIFO: for the one before them to settle).
-                settled = sum(o.decision.status != "pending" for o in done)
-                free = settled if row["fifo"] else len(done)
-                if free:
-                    releases[endpoint_id] = free
-            await store.save_healths(conn, changed)
-            await store.release_held(conn, releases)
-            for row, reason in disabled:
-                await self._disable(uow, row, reason)
+            if by_endpoint:
+                await self._record_health(uow, locked, by_endpoint)
+
+    async def _record_health(
+        self, uow: UnitOfWork, locked: dict[str, Any], by_endpoint: dict[str, list[Outcome]]
+    ) -> None:
+        """Each endpoint's circuit breaker, pauses and held messages after its attempts."""
+        conn = uow.conn
+        # The database's clock, as the claim's: cooldowns and pauses compare against it.
+        now: datetime = await conn.fetchval("SELECT now()")
+        changed: dict[str, Health] = {}
+        releases: dict[str, int] = {}
+        disabled: list[tuple[Any, str]] = []
+        for endpoint_id, done in by_endpoint.items():
+            row = locked.get(endpoint_id)
+            if row is None or row["deleted"] or row["disabled_at"] is not None:
+                continue
+            results = [(_endpoint_result(o.decision), o.decision.retry_after) for o in done]
+            before, after, disable = store.fold_health(row, results, now, self.breaker)
+            if after != before:
+                changed[endpoint_id] = after
+            if disable is not None:
+                disabled.append((row, disable))
+                continue
+            # Held messages wait for a slot (FIFO: for the one before them to settle).
+            settled = sum(o.decision.status != "pending" for o in done)
+            free = settled if row["fifo"] else len(done)
+            if free:
+                releases[endpoint_id] = free
+        await store.save_healths(conn, changed)
+        await store.release_held(conn, releases)
+        for row, reason in disabled:
+            await self._disable(uow, row, reason)
 
     async def _announce_exhausted(self, uow: UnitOfWork, o: Outcome) -> None:
         c = o.claimed

@@ -20,11 +20,11 @@ from datetime import timedelta
 from typing import Any
 
 import asyncpg
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import ConsumerRecord
 
 from postback_libs.events import LEDGER, CloudEvent
-from postback_libs.offsets import OffsetGaps
 from postback_libs.settings import Settings
+from postback_libs.topics import read_whole_topic
 
 Totals = tuple[int, int, int, int]  # debits_pending, debits_posted, credits_pending, credits_posted
 SCHEMA = "settlement"
@@ -290,49 +290,15 @@ class Replay:
         return {k: (v[0], v[1], v[2], v[3]) for k, v in acc.items()}
 
 
-async def read_topic(settings: Settings, replay: Replay, settle_seconds: float = 0.5) -> None:
-    """Every record of the ledger topic, from the beginning until caught up: past the end
-    offsets it had when called, and then until a fetch comes back empty (the embedded broker
-    can report an end offset short of its last batch) or `settle_seconds` pass."""
-    topic = settings.topic(LEDGER.name)
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap,
-        enable_auto_commit=False,
-        group_id=None,
-        max_partition_fetch_bytes=8 * 1024 * 1024,
-    )
-    await consumer.start()
-    try:
-        parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-        if not parts:
-            return
-        consumer.assign(parts)
-        await consumer.seek_to_beginning(*parts)
-        end = await consumer.end_offsets(parts)
-        # Settlement and ingress both write the ledger (postback_libs/offsets.py).
-        gaps = OffsetGaps("ledger check")
-        await gaps.expect_log_start(consumer, parts)
-        loop = asyncio.get_running_loop()
-        caught_up_at: float | None = None
-        while True:
-            batch = await consumer.getmany(timeout_ms=200, max_records=10_000)
-            for records in (await gaps.take(consumer, batch)).records.values():
-                for r in records:
-                    if r.value:
-                        with contextlib.suppress(ValueError):
-                            replay.add(CloudEvent.from_bytes(r.value))
-            if caught_up_at is None:
-                positions = [await consumer.position(tp) for tp in parts]
-                if all(pos >= end[tp] for pos, tp in zip(positions, parts, strict=True)):
-                    caught_up_at = loop.time()
-            if (
-                caught_up_at is not None
-                and not gaps.waiting()
-                and (not batch or loop.time() - caught_up_at > settle_seconds)
-            ):
-                return
-    finally:
-        await consumer.stop()
+async def read_topic(settings: Settings, replay: Replay) -> None:
+    """Every event of the ledger topic, from its beginning until caught up."""
+
+    def add(record: ConsumerRecord[bytes, bytes]) -> None:
+        if record.value:
+            with contextlib.suppress(ValueError):
+                replay.add(CloudEvent.from_bytes(record.value))
+
+    await read_whole_topic(settings, LEDGER.name, add)
 
 
 def compare(tables: dict[str, Totals], replay: Replay) -> list[Violation]:

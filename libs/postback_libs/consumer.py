@@ -103,6 +103,11 @@ def _header(record: ConsumerRecord[bytes, bytes], name: str) -> bytes | None:
     return None
 
 
+# A dead letter sent back to the group that gave up on it (`postback dlq replay`) carries this
+# header: every other group skips it, having applied it already.
+REPLAY_FOR = "postback-replay-for"
+
+
 async def purge_inbox(pool: Any, retention_days: int, chunk: int = 10_000) -> int:
     """Forget processed event ids older than the retention; returns how many went."""
     return await delete_in_chunks(
@@ -128,6 +133,7 @@ class BatchApplier:
         self.source, self.producer, self.on_commit = source, producer, on_commit
         self.group = handlers.group
         self._wanted = {t.encode() for t in handlers.by_type}
+        self._group_bytes = self.group.encode()
         self.stopping = False
         self.events_behind = 0
         self.seconds_behind = 0.0
@@ -144,6 +150,10 @@ class BatchApplier:
             ce_type = _header(record, "ce_type")
             if ce_type is not None and ce_type not in self._wanted:
                 ignored[ce_type.decode(errors="replace")] += 1
+                continue
+            replay_for = _header(record, REPLAY_FOR)
+            if replay_for is not None and replay_for != self._group_bytes:
+                ignored["replayed for another group"] += 1
                 continue
             try:
                 event = CloudEvent.from_bytes(record.value or b"")

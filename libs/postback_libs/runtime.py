@@ -146,7 +146,9 @@ class Service:
         # Groups join in parallel: each join waits on the broker's rebalance delay.
         await asyncio.gather(*(sub.start() for sub in self.subscriptions))
         for fn in (*self._workers, self._housekeeping):
-            self._tasks.append(asyncio.create_task(fn(), name=fn.__name__))
+            task = asyncio.create_task(fn(), name=fn.__name__)
+            task.add_done_callback(self._worker_ended)
+            self._tasks.append(task)
         self._started = True
         log.info("service started", port=s.port_for(self.name))
 
@@ -164,6 +166,16 @@ class Service:
         """A consumer loop died: stop, and exit non-zero so the supervisor starts this again."""
         self.crash = error
         self._stop_requested.set()
+
+    def _worker_ended(self, task: asyncio.Task[None]) -> None:
+        """A worker that dies of an error would leave its work undone while the service looks
+        alive: crash as a consumer loop does."""
+        if task.cancelled() or task.exception() is None:
+            return
+        error = task.exception()
+        assert error is not None
+        log.critical("worker died", worker=task.get_name(), error=repr(error))
+        self._crashed(error)
 
     async def stop(self) -> None:
         if not self._started:

@@ -1,11 +1,17 @@
-"""Creating Postback's topics with their partitions, cleanup policy and retention."""
+"""Creating Postback's topics with their partitions, cleanup policy and retention, and reading
+one whole (the tools that check or repair from the log: ledger check, dead letters)."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
 from postback_libs.events import TOPICS
+from postback_libs.offsets import OffsetGaps
 from postback_libs.settings import Settings
 
 
@@ -42,3 +48,51 @@ async def ensure_topics(settings: Settings) -> list[str]:
         return created
     finally:
         await admin.close()
+
+
+async def read_whole_topic(
+    settings: Settings,
+    name: str,
+    on_record: Callable[[ConsumerRecord[bytes, bytes]], None],
+    settle_seconds: float = 0.5,
+) -> None:
+    """Every record of topic `name` (unprefixed), from the beginning until caught up: past the
+    end offsets it had when called, and then until a fetch comes back empty (the embedded
+    broker can report an end offset short of its last batch) or `settle_seconds` pass."""
+    topic = settings.topic(name)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        enable_auto_commit=False,
+        group_id=None,
+        max_partition_fetch_bytes=8 * 1024 * 1024,
+    )
+    await consumer.start()
+    try:
+        parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        if not parts:
+            return
+        consumer.assign(parts)
+        await consumer.seek_to_beginning(*parts)
+        end = await consumer.end_offsets(parts)
+        # Several producers may write one partition (postback_libs/offsets.py).
+        gaps = OffsetGaps(f"reading {name}")
+        await gaps.expect_log_start(consumer, parts)
+        loop = asyncio.get_running_loop()
+        caught_up_at: float | None = None
+        while True:
+            batch = await consumer.getmany(timeout_ms=200, max_records=10_000)
+            for records in (await gaps.take(consumer, batch)).records.values():
+                for r in records:
+                    on_record(r)
+            if caught_up_at is None:
+                positions = [await consumer.position(tp) for tp in parts]
+                if all(pos >= end[tp] for pos, tp in zip(positions, parts, strict=True)):
+                    caught_up_at = loop.time()
+            if (
+                caught_up_at is not None
+                and not gaps.waiting()
+                and (not batch or loop.time() - caught_up_at > settle_seconds)
+            ):
+                return
+    finally:
+        await consumer.stop()

@@ -11,6 +11,12 @@ import contextlib
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
+import asyncpg
+
+from postback_libs.logging import get_logger
+
+log = get_logger(__name__)
+
 
 class WorkQueue:
     def __init__(
@@ -36,7 +42,12 @@ class WorkQueue:
             # Cleared before claiming: a wake-up that arrives during the claim is kept.
             self.wake.clear()
             free = self.concurrency - len(self._in_flight)
-            rows = await self.claim(free) if free > 0 else []
+            try:
+                rows = await self.claim(free) if free > 0 else []
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+                log.warning("claiming failed", error=repr(e))
+                await asyncio.sleep(1.0)
+                continue
             for row in rows:
                 task = asyncio.create_task(self.work(row))
                 self._in_flight.add(task)

@@ -16,6 +16,7 @@ from postback_libs.events import CALLS, CallCompleted, CallRequested, CreditRequ
 from postback_libs.ids import uuid7_ms
 from postback_libs.metrics import EVENTS_CONSUMED
 from postback_libs.outbox import new_producer
+from postback_libs.runtime import Service
 from postback_libs.subscription import Subscription
 from postback_settlement.app import build as settlement
 from tests.helpers import (
@@ -425,3 +426,22 @@ async def test_a_consumer_loop_that_dies_of_a_bug_says_so(settings):
         await subscription.stop()  # stops in order even so
         await producer.stop()
         await pool.close()
+
+
+async def test_a_worker_that_dies_stops_its_service(settings):
+    """A background worker (a work queue, a deadline keeper) that dies of an error would leave
+    its work undone while the service answers /healthz: the service stops, to be restarted."""
+
+    def build(s):
+        service = Service("routing", "postback_routing", s)
+
+        @service.worker
+        async def breaks() -> None:
+            await asyncio.sleep(0.1)
+            raise RuntimeError("a bug")
+
+        return service
+
+    async with running(settings, build) as [svc]:
+        await eventually(lambda: svc.crash is not None, timeout=10, what="the crash noted")
+        assert "a bug" in repr(svc.crash)

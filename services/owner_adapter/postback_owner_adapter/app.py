@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
+import asyncpg
 from fastapi import Request, Response
 
 from postback_libs.consumer import Handlers
@@ -246,23 +247,27 @@ def build(settings: Settings) -> Service:
     @service.worker
     async def deadline_keeper() -> None:
         while not service.stopping:
-            rows = await service.pool.fetch(
-                "SELECT request_id, deadline FROM dispatches"
-                " WHERE status = ANY($1::text[]) AND deadline < now() LIMIT 500",
-                list(OPEN),
-            )
-            # Together, so they are written as a few batches rather than one by one.
-            await asyncio.gather(
-                *(
-                    finish(
-                        r["request_id"],
-                        OPEN,
-                        "timed_out",
-                        CallTimedOut(request_id=r["request_id"], deadline=r["deadline"]),
-                    )
-                    for r in rows
+            try:
+                rows = await service.pool.fetch(
+                    "SELECT request_id, deadline FROM dispatches"
+                    " WHERE status = ANY($1::text[]) AND deadline < now() LIMIT 500",
+                    list(OPEN),
                 )
-            )
+                # Together, so they are written as a few batches rather than one by one.
+                await asyncio.gather(
+                    *(
+                        finish(
+                            r["request_id"],
+                            OPEN,
+                            "timed_out",
+                            CallTimedOut(request_id=r["request_id"], deadline=r["deadline"]),
+                        )
+                        for r in rows
+                    )
+                )
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+                log.warning("deadline check failed", error=repr(e))
+                rows = []
             if not rows:
                 await asyncio.sleep(1)
 

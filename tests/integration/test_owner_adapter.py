@@ -117,6 +117,9 @@ async def test_callbacks_are_accepted_once_and_checked(settings):
         r = await post_callback(svc, rid, b'{"answer": 42}', "not-the-token")
         assert r.status_code == 401
         assert r.headers["content-type"].startswith("application/problem+json")
+        too_big = b'"' + b"x" * routed.max_result_bytes + b'"'
+        r = await post_callback(svc, rid, too_big, token)
+        assert (r.status_code, r.json()["type"]) == (413, "urn:postback:problem:result-too-large")
 
         r = await post_callback(svc, rid, b'{"answer": 42}', token)
         assert r.status_code == 200, r.text
@@ -256,3 +259,17 @@ async def test_a_callback_that_overtakes_the_202_still_records_the_dispatch(sett
         assert len(owner.received) == 1
         await asyncio.sleep(0.5)
         assert [e.data["attempt"] for e in calls.of_type("call.dispatched", rid)] == [1]
+
+
+async def test_a_call_authorized_past_its_deadline_is_not_forwarded(settings):
+    """After a backlog, an owner must not work on a call nobody will pay for."""
+    async with (
+        owner_server() as owner,
+        TopicReader(settings, "postback.calls") as calls,
+        running(settings, owner_adapter),
+    ):
+        routed = await route_and_authorize(settings, f"{owner.url}/sync", deadline_in=-1)
+        await events_of(calls, "call.timed_out", routed.request_id, timeout=15)
+        await asyncio.sleep(0.5)
+        assert owner.received == []
+        assert not calls.of_type("call.dispatched", routed.request_id)

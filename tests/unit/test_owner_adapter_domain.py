@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from postback_libs.events import CallCompleted
 from postback_owner_adapter.domain import (
     BODY_METHODS,
     build_forward,
@@ -292,3 +293,20 @@ def test_result_digest_separates_type_and_body():
     assert result_digest("application/json", b"{}") == result_digest("application/json", b"{}")
     assert result_digest("a", b"bc") != result_digest("ab", b"c")
     assert result_digest("text/plain", b"x") != result_digest("text/plain", b"y")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"[" * 256 + b"]" * 256,  # deeper than an event's JSON is read downstream
+        b"[" * 1000 + b"]" * 1000,  # deeper than Python's parser goes
+        b'"\\ud800"',  # a lone surrogate: not UTF-8
+        b'{"x": "a\\u0000b"}',  # PostgreSQL's text and jsonb refuse NUL
+    ],
+)
+def test_json_an_event_cannot_carry_is_carried_as_text(raw):
+    """Such a result once failed every write of the call's outcome: the call was forwarded
+    again and again until its deadline."""
+    result = parse_result(raw, "application/json")
+    assert isinstance(result, str)
+    CallCompleted(request_id="r", via="response", result=result).model_dump_json().encode()

@@ -96,6 +96,11 @@ def build(settings: Settings) -> Service:
 
     async def dispatch(row: Any) -> None:
         rid, attempt = row["request_id"], row["attempts"]
+        if row["deadline"] <= datetime.now(UTC) + DEADLINE_SLACK:
+            # Claimed late (a backlog, a dead replica's lease): the owner would work unpaid.
+            outcome = CallTimedOut(request_id=rid, deadline=row["deadline"])
+            await finish(rid, "dispatching", "timed_out", outcome)
+            return
         token = domain.callback_token(master, rid)
         fwd = domain.build_forward(
             request_id=rid,
@@ -214,8 +219,9 @@ def build(settings: Settings) -> Service:
             "UPDATE dispatches SET status = 'dispatching', attempts = attempts + 1,"
             " lease_until = now() + make_interval(secs => $2), updated_at = now()"
             " WHERE request_id IN (SELECT request_id FROM dispatches"
-            "   WHERE (status = 'pending' AND next_attempt_at <= now())"
-            "      OR (status = 'dispatching' AND lease_until < now())"
+            "   WHERE ((status = 'pending' AND next_attempt_at <= now())"
+            "      OR (status = 'dispatching' AND lease_until < now()))"
+            "     AND deadline > now()"  # past it, the deadline keeper's
             "   ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED)"
             " RETURNING *",
             n,
@@ -312,14 +318,18 @@ def build(settings: Settings) -> Service:
         )
         if row is None:
             raise Problem(404, "unknown-request", "Unknown request", f"no call {request_id}")
-        raw = await request.body()
-        if len(raw) > row["max_result_bytes"]:
-            raise Problem(
-                413,
-                "result-too-large",
-                "Result too large",
-                f"{len(raw)} bytes; this API accepts {row['max_result_bytes']}",
-            )
+        # Read no further than the cap: the body is the owner's to size, not the memory's.
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > row["max_result_bytes"]:
+                raise Problem(
+                    413,
+                    "result-too-large",
+                    "Result too large",
+                    f"more than {row['max_result_bytes']} bytes, the most this API accepts",
+                )
+        raw = bytes(body)
         ctype = request.headers.get("content-type", "application/json")
         digest = domain.result_digest(ctype, raw)
         completed = CallCompleted(

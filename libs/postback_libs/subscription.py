@@ -80,6 +80,24 @@ class Subscription:
         self._task = asyncio.create_task(self._run(), name=f"consume {self.applier.group}")
         self._task.add_done_callback(self._ended)
 
+    async def log_ends(self) -> dict[TopicPartition, int]:
+        """Where the log of every partition of the topic ends now, whoever reads them."""
+        topic = next(iter(self.consumer.subscription()))
+        parts = [TopicPartition(topic, p) for p in self.consumer.partitions_for_topic(topic) or ()]
+        ends: dict[TopicPartition, int] = await self.consumer.end_offsets(parts)
+        return ends
+
+    async def group_has_read(self, ends: dict[TopicPartition, int]) -> bool:
+        """Whether the whole group (every replica, every partition) has applied and committed
+        everything up to `ends`."""
+        for tp, end in ends.items():
+            committed = await self.consumer.committed(tp)
+            if committed is None:
+                committed = (await self.consumer.beginning_offsets([tp]))[tp]
+            if committed < end:
+                return False
+        return True
+
     def _ended(self, task: asyncio.Task[None]) -> None:
         error = None if task.cancelled() else task.exception()
         if error is None:

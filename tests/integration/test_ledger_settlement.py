@@ -413,3 +413,34 @@ async def test_the_ledger_topic_rebuilds_the_same_balances(settings):
         report = await check(settings)
         assert report.violations == [], report.violations
         assert report.topic_events and report.topic_events >= len(authorized) * 2
+
+
+async def test_an_outcome_written_in_time_is_captured_though_settlement_read_it_late(settings):
+    """Settlement was down past the call's deadline while the owner's result waited in the
+    log: on its return the result is captured, and the sweeper does not release the
+    reservation first (the owner would never have been paid)."""
+    settings = settings.model_copy(
+        update={"reservation_grace_seconds": 0.5, "reservation_sweep_seconds": 0.2}
+    )
+    consumer, owner = uid("acct_c"), uid("acct_o")
+    async with (
+        TopicReader(settings, "postback.calls") as calls,
+        TopicReader(settings, "postback.ledger") as ledger,
+    ):
+        routed = call_routed(
+            UPSTREAM, consumer_id=consumer, owner_id=owner, price=30, deadline_in=2
+        )
+        rid = routed.request_id
+        async with running(settings, settlement):
+            await fund(settings, ledger, consumer, 100)
+            await publish(settings, routed)
+            await events_of(calls, "call.authorized", rid)
+        await publish(settings, CallCompleted(request_id=rid, via="response", result=1))
+        wait = (routed.deadline - datetime.now(UTC)).total_seconds() + 1.5
+        await asyncio.sleep(wait)  # past the deadline and the grace, with nobody settling
+        async with running(settings, settlement) as [svc]:
+            await events_of(calls, "call.settled", rid)
+            await asyncio.sleep(1)  # a few sweeps
+            assert not calls.of_type("call.refunded", rid)
+            [row] = await fetch(svc, "SELECT state FROM reservations WHERE request_id = $1", rid)
+            assert row["state"] == "posted"

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from postback_libs.consumer import Handlers
 from postback_libs.events import (
@@ -56,6 +57,7 @@ from postback_settlement.domain import (
 from postback_settlement.ledger import apply_ledger, ledger_step
 
 log = get_logger(__name__)
+CALLS_GROUP = "settlement"
 
 EXPIRED_RESERVATIONS = """
 SELECT request_id FROM reservations
@@ -93,7 +95,7 @@ def _emit_resolution(
 
 
 def call_handlers(settings: Settings) -> Handlers:
-    calls = Handlers("settlement", CALLS.name, after_batch=apply_ledger)
+    calls = Handlers(CALLS_GROUP, CALLS.name, after_batch=apply_ledger)
     threshold = settings.low_balance_threshold
 
     @calls.on(CallRouted)
@@ -359,13 +361,23 @@ def build(settings: Settings) -> Service:
 
     @service.worker
     async def release_expired_reservations() -> None:
+        # Only reservations that expired before a moment whose whole log the calls group has
+        # applied: an outcome written in time but not yet read (settlement down or behind)
+        # must be captured, not find its reservation released. Each round notes where the
+        # log ends; a later round sweeps up to that moment once the group is past it.
+        [calls] = [s for s in service.subscriptions if s.applier.group == CALLS_GROUP]
+        mark: tuple[dict[Any, int], datetime] | None = None
         while not stopping.is_set():
             try:
-                while not stopping.is_set():
-                    async with service.unit_of_work() as uow:
-                        found = await release_expired(uow, settings)
-                    if not found:
-                        break
+                if mark is not None and await calls.group_has_read(mark[0]):
+                    while not stopping.is_set():
+                        async with service.unit_of_work() as uow:
+                            found = await release_expired(uow, settings, now=mark[1])
+                        if not found:
+                            break
+                    mark = None
+                if mark is None:
+                    mark = (await calls.log_ends(), datetime.now(UTC))
             except Exception as e:  # the next round retries; a failed sweep changed nothing
                 log.warning("sweeping expired reservations failed", error=repr(e))
             with contextlib.suppress(TimeoutError):

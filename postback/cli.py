@@ -173,6 +173,53 @@ def projection_rebuild() -> None:
     )
 
 
+dlq_app = typer.Typer(no_args_is_help=True, help="Dead letters: events a consumer gave up on.")
+app.add_typer(dlq_app, name="dlq")
+
+
+@dlq_app.command("list")
+def dlq_list(
+    group: Annotated[str | None, typer.Option(help="Only this consumer group's.")] = None,
+) -> None:
+    """Every dead letter, oldest first: its id, when, the group, where it came from, why."""
+    from postback.dlq import letters
+
+    found = asyncio.run(letters(get_settings(), group))
+    for letter in found:
+        typer.echo(letter.line())
+    typer.echo(f"{len(found)} dead letter{'' if len(found) == 1 else 's'}", err=True)
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    ids: Annotated[list[str] | None, typer.Argument(help="Dead letter ids (`dlq list`).")] = None,
+    group: Annotated[
+        str | None, typer.Option(help="Every dead letter of this consumer group.")
+    ] = None,
+) -> None:
+    """Send dead letters back to the group that gave up on them, once the cause is fixed."""
+    from postback.dlq import letters, refusal, replay
+
+    if not ids and group is None:
+        typer.echo("name dead letters by id, or a consumer group with --group", err=True)
+        raise typer.Exit(2)
+    settings = get_settings()
+    found = asyncio.run(letters(settings, group))
+    chosen = [letter for letter in found if not ids or letter.id in ids]
+    missing = sorted(set(ids or ()) - {letter.id for letter in chosen})
+    refused = [(letter, why) for letter in chosen if (why := refusal(settings, letter))]
+    ready = [letter for letter in chosen if not refusal(settings, letter)]
+    asyncio.run(replay(settings, ready))
+    for letter in ready:
+        typer.echo(f"replayed {letter.id} for {letter.data.consumer_group}")
+    for letter, why in refused:
+        typer.echo(f"not replayed {letter.id}: {why}", err=True)
+    for id_ in missing:
+        typer.echo(f"no dead letter {id_}", err=True)
+    if refused or missing:
+        raise typer.Exit(1)
+
+
 @app.command()
 def schemas(
     out: Annotated[Path, typer.Option(help="Folder to write.")] = Path("schemas"),

@@ -121,6 +121,8 @@ def topics_doc(schemas: dict[str, dict[str, Any]]) -> str:
         "**At least once.** A producer that crashes after publishing may publish the same event",
         "again, with the same `id`: deduplicate by `id` (an inbox of the ids you applied) before",
         "anything you count or sum. Event ids are UUIDv7: they sort by the time they were made.",
+        "A record with the header `postback-replay-for` is a dead letter sent back to the named",
+        "consumer group (`postback dlq replay`): anyone else has seen that event already.",
         "",
         "**Money** is an integer number of the smallest unit of the platform's one currency",
         "(cents, say), never a float. A call's `amount` is its price, fee included.",

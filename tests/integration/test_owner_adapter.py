@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from datetime import UTC, datetime
 
 import aiohttp
+import asyncpg
 import httpx
 from aiohttp import web
 from standardwebhooks.webhooks import Webhook
@@ -17,6 +19,7 @@ from postback_libs.events import CallAuthorized
 from postback_libs.signing import derive_secret
 from postback_owner_adapter.app import build as owner_adapter
 from postback_owner_adapter.domain import callback_token
+from postback_owner_adapter.outcomes import OutcomeWriter
 from tests.helpers import (
     HttpServer,
     TopicReader,
@@ -273,3 +276,55 @@ async def test_a_call_authorized_past_its_deadline_is_not_forwarded(settings):
         await asyncio.sleep(0.5)
         assert owner.received == []
         assert not calls.of_type("call.dispatched", routed.request_id)
+
+
+async def test_a_request_cut_off_by_shutdown_is_not_counted_against_the_owner(settings):
+    """A restart that outlasts a slow owner's request hands the call back, due again, rather
+    than recording a failed attempt (on the last attempt, a failed call the owner never
+    caused)."""
+    settings = settings.model_copy(
+        update={"shutdown_grace_seconds": 2, "owner_timeout_seconds": 10}
+    )
+    async with sleepy_owner(5) as owner, TopicReader(settings, "postback.calls") as calls:
+        async with running(settings, owner_adapter) as [svc]:
+            routed = await route_and_authorize(settings, f"{owner.url}/slow", deadline_in=60)
+            rid = routed.request_id
+            await eventually(lambda: owner.received, what="the request under way")
+            pool = svc.pool
+            before = await pool.fetchrow(
+                "SELECT attempts FROM dispatches WHERE request_id = $1", rid
+            )
+        conn = await asyncpg.connect(
+            settings.database_url, server_settings={"search_path": "owner_adapter"}
+        )
+        try:
+            row = await conn.fetchrow(
+                "SELECT status, attempts, lease_until FROM dispatches WHERE request_id = $1", rid
+            )
+        finally:
+            await conn.close()
+        assert (row["status"], row["attempts"], row["lease_until"]) == (
+            "pending",
+            before["attempts"] - 1,
+            None,
+        )
+        assert not calls.of_type("call.failed", rid) and not calls.of_type("call.dispatched", rid)
+
+
+async def test_an_outcome_counts_only_for_the_attempt_that_holds_the_call(settings):
+    """A late answer to an attempt whose lease ran out, the call claimed again since, must not
+    move the call."""
+    async with running(settings, owner_adapter) as [svc]:
+        rid = f"req_{uuid.uuid4().hex}"
+        await svc.pool.execute(
+            "INSERT INTO dispatches (request_id, api_id, upstream_url, method, path, params,"
+            " entry, max_result_bytes, deadline, status, attempts) VALUES ($1, 'api',"
+            " 'https://o.example/', 'POST', '/', '{}', 'v1', 1000, now() + interval '1 hour',"
+            " 'dispatching', 2)",
+            rid,
+        )
+        writer = OutcomeWriter(svc.unit_of_work)
+        assert not await writer.finish(rid, "dispatching", "failed", attempt=1)
+        assert await writer.finish(rid, "dispatching", "completed", attempt=2)
+        [row] = await fetch(svc, "SELECT status FROM dispatches WHERE request_id = $1", rid)
+        assert row["status"] == "completed"

@@ -49,6 +49,12 @@ log = get_logger(__name__)
 OPEN = ("routed", "pending", "dispatching", "accepted")
 USER_AGENT = "Postback/0.1.0"
 DEADLINE_SLACK = timedelta(milliseconds=50)
+LEASE_MARGIN_SECONDS = 2.0  # clocks and scheduling between a lease's end and a request's
+HAND_BACK = """
+UPDATE dispatches SET status = 'pending', attempts = attempts - 1, lease_until = NULL,
+    next_attempt_at = now(), updated_at = now()
+WHERE request_id = $1 AND status = 'dispatching' AND attempts = $2
+"""
 
 
 def build(settings: Settings) -> Service:
@@ -94,12 +100,16 @@ def build(settings: Settings) -> Service:
     outcomes = OutcomeWriter(service.unit_of_work)
     finish = outcomes.finish
 
+    async def hand_back(request_id: str, attempt: int) -> None:
+        """An attempt not made: the call is due again now, the attempt not counted."""
+        await service.pool.execute(HAND_BACK, request_id, attempt)
+
     async def dispatch(row: Any) -> None:
         rid, attempt = row["request_id"], row["attempts"]
         if row["deadline"] <= datetime.now(UTC) + DEADLINE_SLACK:
             # Claimed late (a backlog, a dead replica's lease): the owner would work unpaid.
             outcome = CallTimedOut(request_id=rid, deadline=row["deadline"])
-            await finish(rid, "dispatching", "timed_out", outcome)
+            await finish(rid, "dispatching", "timed_out", outcome, attempt=attempt)
             return
         token = domain.callback_token(master, rid)
         fwd = domain.build_forward(
@@ -123,10 +133,16 @@ def build(settings: Settings) -> Service:
         if fwd.body is None:
             headers.pop("content-type", None)
         dispatched = CallDispatched(request_id=rid, attempt=attempt, upstream_url=fwd.target)
-        remaining = (row["deadline"] - datetime.now(UTC)).total_seconds()
-        timeout = aiohttp.ClientTimeout(
-            total=max(0.1, min(settings.owner_timeout_seconds, remaining))
+        now = datetime.now(UTC)
+        total = max(
+            0.1, min(settings.owner_timeout_seconds, (row["deadline"] - now).total_seconds())
         )
+        if (row["lease_until"] - now).total_seconds() < total + LEASE_MARGIN_SECONDS:
+            # It waited for a slot so long that its lease could run out mid-request, and
+            # another replica forward it too: handed back instead, due again at once.
+            await hand_back(rid, attempt)
+            return
+        timeout = aiohttp.ClientTimeout(total=total)
         try:
             async with session["http"].request(
                 fwd.method,
@@ -139,6 +155,9 @@ def build(settings: Settings) -> Service:
                 raw = await read_capped(resp, row["max_result_bytes"] + 1)
                 status, ctype = resp.status, resp.headers.get("content-type", "")
         except Exception as e:  # connection errors and timeouts alike: retry while time allows
+            if service.stopping:  # cut off by our own shutdown: not the owner's failure
+                await hand_back(rid, attempt)
+                return
             await retry_or_fail(row, dispatched, f"{classify_error(e)}: {e!r}"[:500], None)
             return
         verdict = domain.judge_response(status, len(raw), row["max_result_bytes"])
@@ -157,6 +176,7 @@ def build(settings: Settings) -> Service:
                 ),
                 digest=domain.result_digest(ctype, raw),
                 facts=(dispatched,),
+                attempt=attempt,
             )
         elif verdict == "accepted":
             await finish(
@@ -165,6 +185,7 @@ def build(settings: Settings) -> Service:
                 "accepted",
                 CallAccepted(request_id=rid, deadline=row["deadline"]),
                 facts=(dispatched,),
+                attempt=attempt,
             )
         elif verdict == "retry":
             await retry_or_fail(row, dispatched, f"owner answered {status}", status)
@@ -182,6 +203,7 @@ def build(settings: Settings) -> Service:
                     detail=raw[:500].decode(errors="replace"),
                 ),
                 facts=(dispatched,),
+                attempt=attempt,
             )
 
     async def retry_or_fail(
@@ -191,7 +213,14 @@ def build(settings: Settings) -> Service:
         now = datetime.now(UTC)
         retry_at = now + timedelta(seconds=domain.retry_delay(attempt))
         if attempt < settings.owner_max_attempts and retry_at < deadline:
-            await finish(rid, "dispatching", "pending", retry_at=retry_at, facts=(dispatched,))
+            await finish(
+                rid,
+                "dispatching",
+                "pending",
+                retry_at=retry_at,
+                facts=(dispatched,),
+                attempt=attempt,
+            )
             return
         # The request's timeout is capped at the deadline: an owner still silent then has
         # timed out, whatever the client library calls it.
@@ -207,7 +236,7 @@ def build(settings: Settings) -> Service:
                 detail=detail,
             )
         terminal = "timed_out" if isinstance(outcome, CallTimedOut) else "failed"
-        await finish(rid, "dispatching", terminal, outcome, facts=(dispatched,))
+        await finish(rid, "dispatching", terminal, outcome, facts=(dispatched,), attempt=attempt)
 
     async def claim(n: int) -> list[Any]:
         rows: list[Any]

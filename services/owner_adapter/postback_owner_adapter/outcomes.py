@@ -25,12 +25,15 @@ log = get_logger(__name__)
 MAX_BATCH = 256
 # A second outcome for a call already in the batch waits for the next write: in one UPDATE the
 # two would race for the row with no defined winner.
+# An outcome of an attempt moves the dispatch only while that attempt holds it: once its lease
+# ran out and another replica claimed the call again, the late answer is not the call's.
 FINISH = """
 UPDATE dispatches d SET status = u.to_status, result_digest = coalesce(u.digest, d.result_digest),
     next_attempt_at = u.retry_at, lease_until = NULL, updated_at = now()
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[])
-    AS u(request_id, from_statuses, to_status, digest, retry_at)
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::int[])
+    AS u(request_id, from_statuses, to_status, digest, retry_at, attempt)
 WHERE d.request_id = u.request_id AND d.status = ANY(string_to_array(u.from_statuses, ','))
+    AND (u.attempt IS NULL OR d.attempts = u.attempt)
 RETURNING d.request_id
 """
 
@@ -42,6 +45,7 @@ class Outcome:
     to_status: str
     digest: str | None
     retry_at: datetime | None
+    attempt: int | None  # the attempt it is the outcome of; None: the call's (a callback)
     events: Sequence[EventData]
     facts: Sequence[EventData]
     # The caller's, so each event carries its caller's trace, not the writer's.
@@ -72,12 +76,21 @@ class OutcomeWriter:
         digest: str | None = None,
         retry_at: datetime | None = None,
         facts: Sequence[EventData] = (),
+        attempt: int | None = None,
     ) -> bool:
         """Move a dispatch on and emit its events, unless another outcome got there first.
         True once written, if this outcome won; raises if its write failed."""
         statuses = (from_status,) if isinstance(from_status, str) else from_status
         outcome = Outcome(
-            request_id, statuses, to_status, digest, retry_at, events, facts, current_traceparent()
+            request_id,
+            statuses,
+            to_status,
+            digest,
+            retry_at,
+            attempt,
+            events,
+            facts,
+            current_traceparent(),
         )
         self._waiting.append(outcome)
         if self._writer is None:
@@ -134,6 +147,7 @@ class OutcomeWriter:
                     [o.to_status for o in batch],
                     [o.digest for o in batch],
                     [o.retry_at for o in batch],
+                    [o.attempt for o in batch],
                 )
             }
             for o in batch:  # facts first: an attempt happens before its outcome

@@ -163,6 +163,9 @@ RejectReason = Literal[
     "insufficient_funds",
 ]
 Money = int  # integer minor units, never floats
+# The most one price, credit or correction may be: past any real one (ten trillion in cents),
+# and thousands of them still fit the ledger's 64-bit running totals.
+MAX_MONEY = 10**15
 
 
 class CallRef(EventData):

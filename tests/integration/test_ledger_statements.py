@@ -105,6 +105,9 @@ async def test_corrections_are_transfers_and_never_push_an_account_below_zero(se
             (f"/v1/accounts/{cid}/corrections", {"amount": 1}, bearer(consumer), 401),
             ("/v1/accounts/acc_nobody/corrections", {"amount": 1}, OPERATOR, 404),
             (f"/v1/accounts/{cid}/corrections", {"amount": 1, "role": "owner"}, OPERATOR, 422),
+            # Past any real amount: the ledger's running totals must stay within 64 bits.
+            (f"/v1/accounts/{cid}/corrections", {"amount": -(10**16)}, OPERATOR, 422),
+            (f"/v1/accounts/{cid}/credits", {"amount": 2**63}, OPERATOR, 422),
         ]
         for path, body, headers, status in bad:
             r = await http.post(path, json=body, headers=headers)

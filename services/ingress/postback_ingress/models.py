@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
 
-from postback_libs.events import Mode
+from postback_libs.events import MAX_MONEY, Mode
 
 
 class CallRequest(BaseModel):
@@ -96,7 +96,7 @@ class Suspension(BaseModel):
 
 class CreditCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    amount: int = Field(gt=0, description="Minor units.")
+    amount: int = Field(gt=0, le=MAX_MONEY, description="Minor units.")
     note: str = Field("", max_length=500)
 
 
@@ -124,7 +124,7 @@ class ApiFields(BaseModel):
         min_length=1,
     )
     path_prefixes: list[str] = Field(default_factory=lambda: ["/"], min_length=1)
-    price: int = Field(0, ge=0, description="Per call, in minor units.")
+    price: int = Field(0, ge=0, le=MAX_MONEY, description="Per call, in minor units.")
     fee_bps: int | None = Field(None, ge=0, le=10000)
     delivery_mode: Literal["sync", "async"] = "sync"
     max_duration_seconds: int = Field(300, ge=1, le=86400)

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Query, Request
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
 from postback_ingress.auth import authenticate, require_operator, require_role
-from postback_libs.events import CorrectionRequested
+from postback_libs.events import MAX_MONEY, CorrectionRequested
 from postback_libs.http import Problem
 from postback_libs.ids import uuid7_hex
 from postback_libs.runtime import Service
@@ -25,8 +25,8 @@ class CorrectionCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     amount: int = Field(
         description="Minor units, signed: positive adds to the balance, negative takes away.",
-        ge=-(2**62),
-        le=2**62,
+        ge=-MAX_MONEY,
+        le=MAX_MONEY,
     )
     note: str = Field("", max_length=500, description="Why; kept with the transfer.")
     role: Role = Field("consumer", description="Which of the account's balances to correct.")

@@ -87,7 +87,7 @@ async def test_sigkill_with_retries_pending_loses_nothing(settings, tmp_path: Pa
                 rows = await delivery_rows(settings, "SELECT status FROM deliveries")
                 return all(r["status"] == "succeeded" for r in rows)
 
-            # Attempts in flight at the kill wait for their lease (timeout + 10 s) to run out.
+            # Attempts in flight at the kill wait for their lease (timeout + 20 s) to run out.
             await eventually(all_delivered, timeout=60, what="every message delivered")
         messages = {
             r["message_id"]

@@ -68,6 +68,11 @@ FROM unnest($1::text[], $2::int[]) AS u(id, attempts)
 WHERE d.delivery_id = u.id AND d.status = 'delivering' AND d.attempts = u.attempts
 """
 LEASE_MARGIN_SECONDS = 2.0  # clock and scheduling slack between the lease and an attempt
+# What an attempt's lease keeps after its request has timed out at worst: the outcome waits for
+# the recorder's next batch (or its retries, if the database blinks) and must still find the
+# claim its own, not reaped and sent again.
+RECORDING_SECONDS = 10.0
+CLAIM_WAIT_SECONDS = 8.0  # how long a claim may wait for a worker, slack included
 BUSY_HOLD_SECONDS = 30.0  # a held message is due anyway after this, should no release come
 OFF_RECHECK_SECONDS = 60.0
 
@@ -108,7 +113,8 @@ def health_of(row: Any) -> Health:
 class Queue:
     def __init__(self, pool: Any, settings: Settings) -> None:
         self.pool, self.settings = pool, settings
-        self.lease = settings.delivery_timeout_seconds + 10
+        # An attempt starts within CLAIM_WAIT_SECONDS of its claim or is handed back (can_start).
+        self.lease = settings.delivery_timeout_seconds + CLAIM_WAIT_SECONDS + RECORDING_SECONDS
         self._states: dict[tuple[str, int], EndpointState] = {}
 
     def _state(self, row: Any) -> EndpointState:
@@ -222,7 +228,8 @@ class Queue:
         runs out. A claim that waited longer behind slow endpoints must not be sent: its row
         may be due again and claimed elsewhere, and the message would go out twice at once."""
         waited = time.monotonic() - claimed.claimed_at
-        return waited + self.settings.delivery_timeout_seconds + LEASE_MARGIN_SECONDS < self.lease
+        ends = waited + self.settings.delivery_timeout_seconds + LEASE_MARGIN_SECONDS
+        return ends + RECORDING_SECONDS < self.lease
 
     async def release(self, claims: list[Claimed]) -> None:
         """Hand back claimed rows no attempt was made for: due again at once, their attempt

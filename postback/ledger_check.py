@@ -25,6 +25,7 @@ from aiokafka import ConsumerRecord
 from postback_libs.events import LEDGER, CloudEvent
 from postback_libs.settings import Settings
 from postback_libs.topics import read_whole_topic
+from postback_settlement.domain import FEE_ACCOUNT
 
 Totals = tuple[int, int, int, int]  # debits_pending, debits_posted, credits_pending, credits_posted
 SCHEMA = "settlement"
@@ -128,6 +129,23 @@ WHERE held <> amount
    OR (state = 'voided' AND (voids <> legs OR posts > 0))
 ORDER BY request_id LIMIT 1
 """
+# Each leg of a reservation debits its consumer and credits its owner (the price less the fee)
+# or the platform (the fee): a resolution re-derives the legs from the reservation.
+_WRONG_LEGS = """
+SELECT r.request_id, p.id, p.debit_account, p.credit_account, p.amount
+FROM {s}.reservations r JOIN {s}.transfers p ON p.request_id = r.request_id AND p.kind = 'pending'
+WHERE p.debit_account <> 'consumer:' || r.consumer_id
+   OR p.credit_account NOT IN ('owner:' || r.owner_id, $1)
+   OR (p.credit_account = $1 AND p.amount <> r.fee)
+   OR (p.credit_account = 'owner:' || r.owner_id AND p.amount <> r.amount - r.fee)
+ORDER BY r.request_id LIMIT 1
+"""
+# Only operator funding gives more than it got; owners and the platform are paid, never in debt.
+_NEGATIVE = """
+SELECT id, credits_posted - debits_posted AS balance FROM {s}.accounts
+WHERE kind IN ('owner', 'fee') AND credits_posted - debits_posted < 0
+ORDER BY id LIMIT 1
+"""
 _ORPHAN_PENDING = """
 SELECT p.id FROM {s}.transfers p
 WHERE p.kind = 'pending'
@@ -214,6 +232,20 @@ async def check_tables(
                 f"{row['held']} in {row['legs']} legs ({row['posts']} posted, "
                 f"{row['voids']} voided)",
             )
+        )
+    row = await conn.fetchrow(q(_WRONG_LEGS), FEE_ACCOUNT)
+    if row is not None:
+        out.append(
+            Violation(
+                "a reservation's legs go from its consumer to its owner and the platform",
+                f"{row['request_id']}: {row['id']} moves {row['amount']} from "
+                f"{row['debit_account']} to {row['credit_account']}",
+            )
+        )
+    row = await conn.fetchrow(q(_NEGATIVE))
+    if row is not None:
+        out.append(
+            Violation("no owner or platform balance below zero", f"{row['id']}: {row['balance']}")
         )
     row = await conn.fetchrow(q(_ORPHAN_PENDING))
     if row is not None:

@@ -9,7 +9,7 @@ import asyncio
 import os
 import subprocess
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
@@ -307,6 +307,22 @@ async def test_ledger_check_passes_on_a_sound_ledger_and_names_what_is_wrong(set
         assert bad.returncode == 1
         assert "no reservation left reserved past its deadline" in bad.stderr
         assert open_.request_id in bad.stderr
+
+        # A reservation that no longer names who its legs pay: they would post elsewhere.
+        await conn.execute(
+            "UPDATE settlement.reservations SET owner_id = 'someone-else' WHERE request_id = $1",
+            open_.request_id,
+        )
+        report = await check(settings, topic=False, margin=timedelta(days=1))
+        assert [v.invariant for v in report.violations] == [
+            "a reservation's legs go from its consumer to its owner and the platform"
+        ]
+        assert open_.request_id in report.violations[0].detail
+        await conn.execute(
+            "UPDATE settlement.reservations SET owner_id = $2 WHERE request_id = $1",
+            open_.request_id,
+            owner,
+        )
 
         # A pending transfer resolved twice.
         await conn.execute("DROP INDEX settlement.transfers_resolve_once")

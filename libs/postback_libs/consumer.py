@@ -61,6 +61,7 @@ class Handlers:
         idempotent: bool = False,
         max_records: int | None = None,
         background: bool = False,
+        remember_forever: bool = False,
     ) -> None:
         """`before_batch` runs first in each batch's transaction (a lock, say); `after_batch`
         runs last, before the commit (writing rows the handlers gathered in `uow.scratch`).
@@ -71,9 +72,11 @@ class Handlers:
         row is written for it (one index insert per event saved). `max_records`: the most
         records a batch holds, when not `POSTBACK_CONSUMER_MAX_RECORDS`. `background=True`: no
         call waits on this group on its way to a webhook, so it fetches with the longer
-        `POSTBACK_KAFKA_BACKGROUND_FETCH_MAX_WAIT_MS`."""
+        `POSTBACK_KAFKA_BACKGROUND_FETCH_MAX_WAIT_MS`. `remember_forever=True`: the inbox keeps
+        this group's event ids for good (requests on a topic kept for ever, whose refusal leaves
+        nothing else behind: replayed after a reset, one must not be applied after all)."""
         self.group, self.topic = group, topic
-        self.background = background
+        self.background, self.remember_forever = background, remember_forever
         self.typed, self.idempotent, self.max_records = typed, idempotent, max_records
         self.by_type: dict[str, Handler] = {}
         self.before_batch, self.after_batch = before_batch, after_batch
@@ -108,13 +111,17 @@ def _header(record: ConsumerRecord[bytes, bytes], name: str) -> bytes | None:
 REPLAY_FOR = "postback-replay-for"
 
 
-async def purge_inbox(pool: Any, retention_days: int, chunk: int = 10_000) -> int:
-    """Forget processed event ids older than the retention; returns how many went."""
+async def purge_inbox(
+    pool: Any, retention_days: int, chunk: int = 10_000, keep: Sequence[str] = ()
+) -> int:
+    """Forget processed event ids older than the retention, but the groups in `keep`'s;
+    returns how many went."""
     return await delete_in_chunks(
         pool,
         "inbox",
-        "processed_at < now() - make_interval(days => $1)",
+        "processed_at < now() - make_interval(days => $1) AND consumer <> ALL($2::text[])",
         retention_days,
+        list(keep),
         chunk=chunk,
     )
 

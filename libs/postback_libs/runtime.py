@@ -240,7 +240,8 @@ class Service:
         every event handled, for ever."""
 
         async def forget_old_inbox() -> None:
-            await purge_inbox(self.pool, self.settings.inbox_retention_days)
+            keep = [h.group for h in self._handlers if h.remember_forever]
+            await purge_inbox(self.pool, self.settings.inbox_retention_days, keep=keep)
 
         while not self.stopping:
             for purge in (forget_old_inbox, *self.purges):

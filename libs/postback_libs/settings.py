@@ -86,11 +86,12 @@ class Settings(BaseSettings):
     )
     handler_retries: int = Field(3, ge=0, description="Attempts before an event goes to the DLQ.")
     inbox_retention_days: int = Field(
-        7,
+        8,
         ge=1,
-        description="Processed event ids are remembered this long. A redelivery comes within "
-        "minutes; a consumer group reset further back than this relies on each handler's own "
-        "idempotency (transfer ids, conditional updates, derived event ids).",
+        description="Processed event ids are remembered this long: a day past the week the "
+        "calls and deliveries topics keep, so a consumer group reset to their start meets no "
+        "event it has forgotten handling. Settlement's credit and correction requests are "
+        "remembered for good.",
     )
     shutdown_grace_seconds: float = Field(20.0, gt=0)
 

@@ -289,9 +289,13 @@ async def test_the_inbox_forgets_event_ids_past_its_retention(settings):
             " VALUES ('g', $1, now() - make_interval(days => $2))",
             [(f"old-{i}", 8) for i in range(5)] + [(f"recent-{i}", 6) for i in range(3)],
         )
-        assert await purge_inbox(pool, retention_days=7, chunk=2) == 5
+        await pool.execute(
+            "INSERT INTO inbox (consumer, event_id, processed_at)"
+            " VALUES ('kept', 'old-request', now() - interval '400 days')"
+        )
+        assert await purge_inbox(pool, retention_days=7, chunk=2, keep=["kept"]) == 5
         kept = sorted(r["event_id"] for r in await pool.fetch("SELECT event_id FROM inbox"))
-        assert kept == ["recent-0", "recent-1", "recent-2"]
+        assert kept == ["old-request", "recent-0", "recent-1", "recent-2"]
     finally:
         await pool.close()
 

@@ -216,7 +216,11 @@ def call_handlers(settings: Settings) -> Handlers:
 
 
 def funding_handlers(settings: Settings) -> Handlers:
-    funding = Handlers("settlement-funding", LEDGER.name, after_batch=apply_ledger)
+    # Requests on a topic kept for ever; a refused correction leaves no transfer to know it by,
+    # so its id stays in the inbox for good (a handful of rows per operator action).
+    funding = Handlers(
+        "settlement-funding", LEDGER.name, after_batch=apply_ledger, remember_forever=True
+    )
     threshold = settings.low_balance_threshold
 
     @funding.on(CreditRequested)

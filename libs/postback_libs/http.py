@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -56,6 +57,62 @@ _STATUS_SLUGS = {
     413: ("payload-too-large", "Payload too large"),
     415: ("unsupported-media-type", "Unsupported media type"),
 }
+
+
+class GuardRequests:
+    """ASGI middleware for a public API. A path or query that holds a NUL or bytes that are not
+    UTF-8 is answered 400 `invalid-characters` here: PostgreSQL would refuse it deep inside a
+    handler, a 500. A body past `max_bytes` is answered 413, and read no further."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if not _clean_url(scope):
+            problem = Problem(
+                400,
+                "invalid-characters",
+                "Invalid characters",
+                "the path or query holds a NUL or bytes that are not UTF-8",
+            )
+            await problem.response()(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.max_bytes:
+            await self._too_large().response(scope["path"])(scope, receive, send)
+            return
+        read = 0
+
+        async def counted() -> Any:
+            nonlocal read
+            message = await receive()
+            read += len(message.get("body", b""))
+            if read > self.max_bytes:
+                raise self._too_large()
+            return message
+
+        await self.app(scope, counted, send)
+
+    def _too_large(self) -> Problem:
+        return Problem(
+            413, "payload-too-large", "Payload too large", f"at most {self.max_bytes} bytes"
+        )
+
+
+def _clean_url(scope: Scope) -> bool:
+    raw = unquote_to_bytes(scope.get("raw_path") or scope["path"].encode())
+    query = unquote_to_bytes(scope.get("query_string", b"").replace(b"+", b" "))
+    for part in (raw, query):
+        if b"\x00" in part:
+            return False
+        try:
+            part.decode()
+        except UnicodeDecodeError:
+            return False
+    return True
 
 
 class App(FastAPI):

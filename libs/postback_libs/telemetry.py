@@ -97,6 +97,8 @@ class TraceRequests:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        traceparent = next((v.decode() for k, v in scope["headers"] if k == b"traceparent"), None)
+        traceparent = next(
+            (v.decode("latin-1") for k, v in scope["headers"] if k == b"traceparent"), None
+        )
         with span_from(traceparent, f"HTTP {scope['method']}", SpanKind.SERVER):
             await self.app(scope, receive, send)

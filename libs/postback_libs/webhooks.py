@@ -39,6 +39,7 @@ from postback_libs.signing import (
     derive_secret,
     sign,
 )
+from postback_libs.text import recordable
 
 # What an endpoint can subscribe to: these names, `prefix.*` or `*`.
 SUBSCRIBABLE_EVENTS: dict[str, str] = {
@@ -221,17 +222,6 @@ class AttemptResult:
     @property
     def succeeded(self) -> bool:
         return self.status_code is not None and 200 <= self.status_code < 300
-
-
-def recordable(text: str) -> str:
-    """`text` as JSON and PostgreSQL take it: bytes that were not UTF-8 (which the HTTP parser
-    keeps as lone surrogates) and NULs become U+FFFD. A receiver's answer is recorded with the
-    attempt, and one that cannot be written must not stop the recording of every other."""
-    try:
-        raw = text.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:  # a surrogate that stands for no byte
-        raw = text.encode("utf-8", "replace")
-    return raw.decode("utf-8", "replace").replace("\x00", "\ufffd")
 
 
 def _kept_headers(headers: Mapping[str, str]) -> dict[str, str]:

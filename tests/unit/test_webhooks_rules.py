@@ -23,13 +23,13 @@ from postback_libs.events import (
     new_event,
 )
 from postback_libs.signing import SignatureError
+from postback_libs.text import recordable
 from postback_libs.webhooks import (
     SUBSCRIBABLE_EVENTS,
     endpoint_secret,
     endpoint_signature,
     message_headers,
     public_key,
-    recordable,
     secret_key,
     subscribed,
     unknown_patterns,

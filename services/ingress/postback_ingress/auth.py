@@ -85,6 +85,11 @@ def _verified(stored: _StoredKey | None, secret: str) -> Caller:
     return stored.caller
 
 
+def has_credentials(request: Request) -> bool:
+    """Whether the request presents a secret at all (routes open to anyone show more to some)."""
+    return bool(presented_secret(request.headers))
+
+
 async def authenticate(pool: Any, request: Request) -> Caller:
     """The caller, read from the database: for everything but accepting calls, so a change
     to an account (a rotation, a suspension) shows in its very next request."""

@@ -270,10 +270,14 @@ def _parsed(body: bytes) -> CallRequest:
         ) from None
 
 
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")  # Python's parser takes NaN and Infinity
+
+
 async def _json_object(request: Request, limit: int) -> dict[str, Any]:
     try:
-        body = json.loads(await _limited_body(request, limit))
-    except ValueError:
+        body = json.loads(await _limited_body(request, limit), parse_constant=_not_json)
+    except (ValueError, RecursionError):
         raise Problem(
             400,
             "invalid-json",

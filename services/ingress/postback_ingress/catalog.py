@@ -3,37 +3,28 @@ source of truth and publishes every change as the API's full state on `postback.
 
 from __future__ import annotations
 
-import base64
 import json
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
-from postback_ingress.auth import Caller, authenticate, require_role
+from postback_ingress.auth import Caller, authenticate, has_credentials, require_role
 from postback_ingress.models import ApiCreate, ApiRegisteredView, ApiUpdate
+from postback_ingress.paging import decode_cursor, encode_cursor
 from postback_libs.events import ApiRegistered, ApiRetired, ApiState, ApiUpdated
 from postback_libs.http import Problem
 from postback_libs.ids import uuid7_hex
 from postback_libs.runtime import Service
 from postback_libs.signing import derive_secret
 
+# Where an API runs and the platform's share of its price are its owner's: a caller who knew
+# the upstream could go around the gateway.
+OWNER_ONLY = ("endpoint", "endpoints", "demo_endpoint", "fee_bps")
 
-def _cursor(rank: float, api_id: str) -> str:
-    return base64.urlsafe_b64encode(json.dumps([rank, api_id]).encode()).decode()
 
-
-def _decode_cursor(cursor: str) -> tuple[float, str]:
-    try:
-        rank, api_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-        return float(rank), str(api_id)
-    except (ValueError, TypeError):
-        raise Problem(
-            400,
-            "invalid-cursor",
-            "Invalid cursor",
-            "pass the `next_cursor` of a previous page unchanged",
-        ) from None
+def public(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in state.items() if k not in OWNER_ONLY}
 
 
 def router(service: Service) -> APIRouter:
@@ -141,13 +132,19 @@ def router(service: Service) -> APIRouter:
         return JSONResponse(state.model_dump(mode="json"))
 
     @api.get("/v1/apis/{ref}")
-    async def get_api(ref: str) -> JSONResponse:
+    async def get_api(ref: str, request: Request) -> JSONResponse:
+        """An API as its callers see it; its owner (authenticated) sees where it runs too."""
         row = await service.pool.fetchrow(
             "SELECT state FROM apis WHERE api_id = $1 OR slug = $1", ref
         )
         if row is None:
             raise Problem(404, "api-not-found", "API not found", f"no API {ref!r}")
-        return JSONResponse(json.loads(row["state"]))
+        state = json.loads(row["state"])
+        if has_credentials(request):
+            caller = await authenticate(service.pool, request)
+            if caller.account_id == state["owner_id"]:
+                return JSONResponse(state)
+        return JSONResponse(public(state))
 
     @api.get("/v1/apis")
     async def search_apis(
@@ -159,7 +156,7 @@ def router(service: Service) -> APIRouter:
         cursor: str | None = None,
     ) -> JSONResponse:
         """Search the catalog, best matches first; page with `next_cursor`."""
-        after = _decode_cursor(cursor) if cursor else (float("inf"), "")
+        after = decode_cursor(cursor, float, str) if cursor else (float("inf"), "")
         rows = await service.pool.fetch(
             """
             SELECT * FROM (
@@ -186,10 +183,10 @@ def router(service: Service) -> APIRouter:
             limit + 1,
         )
         page = rows[:limit]
-        body: dict[str, Any] = {"data": [json.loads(r["state"]) for r in page]}
+        body: dict[str, Any] = {"data": [public(json.loads(r["state"])) for r in page]}
         if len(rows) > limit:
             last = page[-1]
-            body["next_cursor"] = _cursor(float(last["rank"]), last["api_id"])
+            body["next_cursor"] = encode_cursor(float(last["rank"]), last["api_id"])
         return JSONResponse(body)
 
     return api

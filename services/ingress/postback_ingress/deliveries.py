@@ -12,9 +12,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
-from pydantic import AwareDatetime, BaseModel, ConfigDict
 
 from postback_ingress.auth import authenticate
+from postback_ingress.models import Input, Instant
 from postback_ingress.webhooks import load_endpoint, require_enabled
 from postback_libs.events import DeliveryRecoverRequested, DeliveryResendRequested, EndpointState
 from postback_libs.http import Problem
@@ -22,10 +22,9 @@ from postback_libs.ids import uuid7_hex
 from postback_libs.runtime import Service
 
 
-class Recovery(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    since: AwareDatetime
-    until: AwareDatetime | None = None
+class Recovery(Input):
+    since: Instant
+    until: Instant | None = None
 
 
 def router(service: Service) -> APIRouter:
@@ -154,7 +153,7 @@ def router(service: Service) -> APIRouter:
         endpoint_id: str,
         request: Request,
         limit: int = Query(50, ge=1, le=100),
-        before: AwareDatetime | None = Query(None, description="Only attempts made before this."),
+        before: Instant | None = Query(None, description="Only attempts made before this."),
     ) -> dict[str, Any]:
         """The endpoint's attempts, newest first (test messages included)."""
         caller = await authenticate(service.pool, request)
@@ -175,7 +174,7 @@ def router(service: Service) -> APIRouter:
         request: Request,
         status: Literal["pending", "succeeded", "failed", "exhausted"] | None = None,
         limit: int = Query(50, ge=1, le=100),
-        before: AwareDatetime | None = Query(None, description="Only messages made before this."),
+        before: Instant | None = Query(None, description="Only messages made before this."),
     ) -> dict[str, Any]:
         """The endpoint's messages, newest first; `status=exhausted` lists the dead letters."""
         caller = await authenticate(service.pool, request)

@@ -2,16 +2,56 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any, Literal
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    AnyHttpUrl,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    model_validator,
+)
 
 from postback_libs.events import MAX_MONEY, Mode
+from postback_libs.text import unstorable
+
+EARLIEST, LATEST = datetime(1970, 1, 1, tzinfo=UTC), datetime(9000, 1, 1, tzinfo=UTC)
 
 
-class CallRequest(BaseModel):
+def in_range(at: datetime) -> datetime:
+    """A time the database and every client library can hold, with its offset."""
+    if at.tzinfo is None:
+        raise ValueError("a time needs its offset (RFC 3339)")
+    if not EARLIEST <= at < LATEST:
+        raise ValueError(f"a time between {EARLIEST.year} and {LATEST.year}")
+    return at
+
+
+# A time given to the API: RFC 3339 with an offset, within the years the system can hold.
+Instant = Annotated[AwareDatetime, AfterValidator(in_range)]
+
+
+class Input(BaseModel):
+    """A request body: no field it does not know, and nothing the system could not store or
+    pass on (NUL, a lone surrogate, JSON nested too deep), refused with a 422 here rather than
+    failing a database write or an event downstream."""
+
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="after")
+    def _storable(self) -> Input:
+        for name, value in self.__dict__.items():
+            problem = unstorable(value)
+            if problem is not None:
+                raise ValueError(f"{name}: {problem}")
+        return self
+
+
+class CallRequest(Input):
     api: str = Field(min_length=1, max_length=200, description="API id or slug.")
     mode: Mode = "production"
     method: str = Field("POST", pattern="^(GET|POST|PUT|PATCH|DELETE)$")
@@ -55,8 +95,7 @@ class CallView(BaseModel):
     timeline: list[TimelineEntry] = Field(default_factory=list)
 
 
-class AccountCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class AccountCreate(Input):
     name: str = Field(min_length=1, max_length=200)
     roles: list[Literal["consumer", "owner"]] = Field(min_length=1)
 
@@ -89,14 +128,12 @@ class KeyRotated(BaseModel):
     previous_key_valid_until: datetime
 
 
-class Suspension(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Suspension(Input):
     reason: str = Field("", max_length=500)
 
 
-class CreditCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    amount: int = Field(gt=0, le=MAX_MONEY, description="Minor units.")
+class CreditCreate(Input):
+    amount: StrictInt = Field(gt=0, le=MAX_MONEY, description="Minor units.")
     note: str = Field("", max_length=500)
 
 
@@ -106,10 +143,9 @@ class CreditAccepted(BaseModel):
     amount: int
 
 
-class ApiFields(BaseModel):
+class ApiFields(Input):
     """What an owner sets on an API; registration needs some, an update any."""
 
-    model_config = ConfigDict(extra="forbid")
     slug: str = Field(pattern="^[a-z0-9][a-z0-9-]{1,62}$")
     name: str = Field(min_length=1, max_length=200)
     description: str = Field("", max_length=5000)
@@ -146,6 +182,13 @@ class ApiUpdate(ApiFields):
     slug: str | None = Field(None, pattern="^[a-z0-9][a-z0-9-]{1,62}$")  # type: ignore[assignment]
     name: str | None = Field(None, min_length=1, max_length=200)  # type: ignore[assignment]
     endpoint: AnyHttpUrl | None = None  # type: ignore[assignment]
+
+    @model_validator(mode="after")
+    def _required_stay_set(self) -> ApiUpdate:
+        for name in ("slug", "name", "endpoint"):
+            if name in self.model_fields_set and getattr(self, name) is None:
+                raise ValueError(f"{name} cannot be removed, only changed")
+        return self
 
 
 class ApiRegisteredView(BaseModel):

@@ -3,17 +3,16 @@ A consumer sees its own calls, an owner the calls made to its APIs, nobody anyth
 
 from __future__ import annotations
 
-import base64
 import json
 from datetime import datetime
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import AwareDatetime
 
 from postback_ingress.auth import authenticate
-from postback_ingress.models import CallView, TimelineEntry
+from postback_ingress.models import CallView, Instant, TimelineEntry
+from postback_ingress.paging import decode_cursor, encode_cursor
 from postback_libs.http import Problem, problem_type
 from postback_libs.runtime import Service
 
@@ -48,23 +47,6 @@ def _view(row: Any, timeline: list[TimelineEntry]) -> CallView:
     fields["result"] = json.loads(row["result"]) if row["result"] is not None else None
     fields["error"] = error_as_problem(json.loads(row["error"]) if row["error"] else None)
     return CallView(**fields, timeline=timeline)
-
-
-def _encode_cursor(at: datetime, request_id: str) -> str:
-    return base64.urlsafe_b64encode(json.dumps([at.isoformat(), request_id]).encode()).decode()
-
-
-def _decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
-        at, request_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-        return datetime.fromisoformat(at), str(request_id)
-    except (ValueError, TypeError):
-        raise Problem(
-            400,
-            "invalid-cursor",
-            "Invalid cursor",
-            "pass the `next_cursor` of a previous page unchanged",
-        ) from None
 
 
 def router(service: Service) -> APIRouter:
@@ -126,14 +108,14 @@ def router(service: Service) -> APIRouter:
         ),
         status: str | None = Query(None, max_length=40),
         api_ref: str | None = Query(None, alias="api", max_length=200),
-        since: AwareDatetime | None = Query(None, description="Requested at or after (RFC 3339)."),
-        until: AwareDatetime | None = Query(None, description="Requested before (RFC 3339)."),
+        since: Instant | None = Query(None, description="Requested at or after (RFC 3339)."),
+        until: Instant | None = Query(None, description="Requested before (RFC 3339)."),
         limit: int = Query(50, ge=1, le=200),
         cursor: str | None = None,
     ) -> JSONResponse:
         """Calls, newest first; page with `next_cursor`."""
         caller = await authenticate(service.pool, request)
-        after = _decode_cursor(cursor) if cursor else None
+        after = decode_cursor(cursor, datetime, str) if cursor else None
         column = "consumer_id" if role == "consumer" else "owner_id"
         rows = await service.pool.fetch(
             f"""
@@ -161,7 +143,7 @@ def router(service: Service) -> APIRouter:
             "data": [_view(r, []).model_dump(mode="json", exclude={"timeline"}) for r in page]
         }
         if len(rows) > limit and page[-1]["requested_at"] is not None:
-            body["next_cursor"] = _encode_cursor(page[-1]["requested_at"], page[-1]["request_id"])
+            body["next_cursor"] = encode_cursor(page[-1]["requested_at"], page[-1]["request_id"])
         return JSONResponse(body)
 
     return api

@@ -4,15 +4,15 @@ earnings per API, and operator corrections. Reads come from the read model; a co
 
 from __future__ import annotations
 
-import base64
-import json
 from datetime import datetime
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, StrictInt, field_validator
 
 from postback_ingress.auth import authenticate, require_operator, require_role
+from postback_ingress.models import Input, Instant
+from postback_ingress.paging import decode_cursor, encode_cursor
 from postback_libs.events import MAX_MONEY, CorrectionRequested
 from postback_libs.http import Problem
 from postback_libs.ids import uuid7_hex
@@ -21,9 +21,8 @@ from postback_libs.runtime import Service
 Role = Literal["consumer", "owner"]
 
 
-class CorrectionCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    amount: int = Field(
+class CorrectionCreate(Input):
+    amount: StrictInt = Field(
         description="Minor units, signed: positive adds to the balance, negative takes away.",
         ge=-MAX_MONEY,
         le=MAX_MONEY,
@@ -92,26 +91,6 @@ class Earnings(BaseModel):
     total_earned: int
     total_pending: int
     data: list[ApiEarnings]
-
-
-def _encode_cursor(at: datetime, transfer_id: str, side: str) -> str:
-    raw = json.dumps([at.isoformat(), transfer_id, side]).encode()
-    return base64.urlsafe_b64encode(raw).decode()
-
-
-def _decode_cursor(cursor: str) -> tuple[datetime, str, str]:
-    try:
-        at, transfer_id, side = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-        if side not in ("debit", "credit"):
-            raise ValueError(side)
-        return datetime.fromisoformat(at), str(transfer_id), str(side)
-    except (ValueError, TypeError):
-        raise Problem(
-            400,
-            "invalid-cursor",
-            "Invalid cursor",
-            "pass the `next_cursor` of a previous page unchanged",
-        ) from None
 
 
 # One side at a time, each a range scan of its index; a transfer between two of the caller's own
@@ -251,7 +230,7 @@ def router(service: Service) -> APIRouter:
         roles = [role] if role else list(caller.roles)
         accounts = [f"{r}:{caller.account_id}" for r in roles]
         if cursor:
-            at, transfer_id, side = _decode_cursor(cursor)
+            at, transfer_id, side = decode_cursor(cursor, datetime, str, ("debit", "credit"))
             rows = await service.pool.fetch(
                 statement_sql(side), accounts, limit + 1, at, transfer_id
             )
@@ -261,14 +240,14 @@ def router(service: Service) -> APIRouter:
         next_cursor = None
         if len(rows) > limit:
             last = page[-1]
-            next_cursor = _encode_cursor(last["at"], last["transfer_id"], last["side"])
+            next_cursor = encode_cursor(last["at"], last["transfer_id"], last["side"])
         return Statement(data=[_entry(r) for r in page], next_cursor=next_cursor)
 
     @api.get("/v1/accounts/me/earnings", response_model=Earnings)
     async def earnings(
         request: Request,
-        since: AwareDatetime | None = Query(None, description="Captured at or after (RFC 3339)."),
-        until: AwareDatetime | None = Query(None, description="Captured before (RFC 3339)."),
+        since: Instant | None = Query(None, description="Captured at or after (RFC 3339)."),
+        until: Instant | None = Query(None, description="Captured before (RFC 3339)."),
     ) -> Earnings:
         """What your APIs earned (owner): captured after the platform fee, per API."""
         caller = await authenticate(service.pool, request)

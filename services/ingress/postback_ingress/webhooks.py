@@ -15,9 +15,10 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from fastapi import APIRouter, Query, Request, Response
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
+from pydantic import AnyHttpUrl, Field
 
 from postback_ingress.auth import Caller, authenticate
+from postback_ingress.models import Input
 from postback_libs.consumer import Handlers
 from postback_libs.events import (
     DELIVERIES,
@@ -54,8 +55,7 @@ USER_AGENT = "Postback/0.1.0"
 MAX_ENDPOINTS_PER_ACCOUNT = 100
 
 
-class RetryPolicy(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class RetryPolicy(Input):
     schedule: list[Annotated[float, Field(ge=0, le=MAX_RETRY_DELAY_SECONDS)]] | None = Field(
         None, min_length=1, max_length=30, description="Seconds before each attempt."
     )
@@ -63,8 +63,7 @@ class RetryPolicy(BaseModel):
     window_seconds: int | None = Field(None, ge=1, le=30 * 86400)
 
 
-class EndpointFields(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class EndpointFields(Input):
     description: str = Field("", max_length=1000)
     event_types: list[str] = Field(
         default_factory=lambda: ["call.*"],
@@ -87,10 +86,9 @@ class EndpointCreate(EndpointFields):
     )
 
 
-class EndpointUpdate(BaseModel):
+class EndpointUpdate(Input):
     """Fields to change; a field sent as null clears it (rate limit, cap, retry policy)."""
 
-    model_config = ConfigDict(extra="forbid")
     url: AnyHttpUrl | None = None
     description: str | None = Field(None, max_length=1000)
     event_types: list[str] | None = Field(None, min_length=1, max_length=50)
@@ -102,8 +100,7 @@ class EndpointUpdate(BaseModel):
     metadata: dict[str, str] | None = Field(None, max_length=50)
 
 
-class Rotation(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Rotation(Input):
     overlap_seconds: int | None = Field(
         None, ge=0, le=7 * 86400, description="How long the old secret keeps signing."
     )

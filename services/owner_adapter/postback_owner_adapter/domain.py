@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any, Literal
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
-from postback_libs.webhooks import recordable
+from postback_libs.text import recordable, unstorable
 
 BODY_METHODS = {"POST", "PUT", "PATCH"}
 
@@ -97,40 +97,17 @@ def judge_response(status: int, body_size: int, max_result_bytes: int) -> Verdic
     return "refused"
 
 
-# Deeper JSON than this is carried as text: an event must be writable and readable by every
-# JSON library downstream (several stop at a few hundred levels).
-MAX_RESULT_DEPTH = 64
-
-
 def parse_result(raw: bytes, content_type: str) -> Any:
     """JSON results are carried as JSON; anything else as text with its content type, and so
-    is JSON an event could not carry (nested too deep, or holding a NUL or a lone surrogate,
-    which neither UTF-8 nor PostgreSQL takes)."""
+    is JSON an event could not carry (`postback_libs.text`)."""
     if "json" in content_type or not content_type:
         try:
             value = json.loads(raw) if raw else None
-            if _depth(value) <= MAX_RESULT_DEPTH:
-                text = json.dumps(value, ensure_ascii=False)
-                text.encode()  # a lone surrogate raises here
-                if "\\u0000" not in text:
-                    return value
+            if unstorable(value) is None:
+                return value
         except (ValueError, RecursionError):
             pass
     return recordable(raw.decode(errors="replace"))
-
-
-def _depth(value: Any) -> int:
-    """How deeply lists and objects nest in a JSON value (without recursion)."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, level = stack.pop()
-        if isinstance(item, dict | list):
-            deepest = max(deepest, level)
-            if level <= MAX_RESULT_DEPTH:
-                stack.extend(
-                    (v, level + 1) for v in (item.values() if isinstance(item, dict) else item)
-                )
-    return deepest
 
 
 def retry_delay(attempt: int) -> float:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
 
-from postback_ingress.auth import authenticate
+from postback_ingress.auth import Caller, authenticate
 from postback_ingress.models import Input, Instant
 from postback_ingress.webhooks import load_endpoint, require_enabled
 from postback_libs.events import DeliveryRecoverRequested, DeliveryResendRequested, EndpointState
@@ -29,6 +29,19 @@ class Recovery(Input):
 
 def router(service: Service) -> APIRouter:
     api = APIRouter(tags=["webhooks"])
+
+    async def load(caller: Caller, delivery_id: str) -> Any:
+        """The caller's message (its row in the read model), or 404."""
+        d = await service.pool.fetchrow(
+            "SELECT * FROM projection.deliveries WHERE delivery_id = $1 AND account_id = $2",
+            delivery_id,
+            caller.account_id,
+        )
+        if d is None:
+            raise Problem(
+                404, "delivery-not-found", "Delivery not found", f"no delivery {delivery_id}"
+            )
+        return d
 
     @api.post("/v1/webhooks/{endpoint_id}/recover", status_code=202)
     async def recover(endpoint_id: str, body: Recovery, request: Request) -> dict[str, Any]:
@@ -56,15 +69,7 @@ def router(service: Service) -> APIRouter:
     async def resend(delivery_id: str, request: Request) -> dict[str, Any]:
         """Send one message again to its destination, with a fresh retry cycle."""
         caller = await authenticate(service.pool, request)
-        d = await service.pool.fetchrow(
-            "SELECT * FROM projection.deliveries WHERE delivery_id = $1 AND account_id = $2",
-            delivery_id,
-            caller.account_id,
-        )
-        if d is None:
-            raise Problem(
-                404, "delivery-not-found", "Delivery not found", f"no delivery {delivery_id}"
-            )
+        d = await load(caller, delivery_id)
         if d["status"] == "pending":
             raise Problem(
                 409, "delivery-in-progress", "Delivery in progress", "it is still being retried"
@@ -100,15 +105,7 @@ def router(service: Service) -> APIRouter:
     @api.get("/v1/deliveries/{delivery_id}")
     async def get_delivery(delivery_id: str, request: Request) -> dict[str, Any]:
         caller = await authenticate(service.pool, request)
-        d = await service.pool.fetchrow(
-            "SELECT * FROM projection.deliveries WHERE delivery_id = $1 AND account_id = $2",
-            delivery_id,
-            caller.account_id,
-        )
-        if d is None:
-            raise Problem(
-                404, "delivery-not-found", "Delivery not found", f"no delivery {delivery_id}"
-            )
+        d = await load(caller, delivery_id)
         attempts = await service.pool.fetch(
             "SELECT * FROM projection.delivery_attempts WHERE delivery_id = $1"
             " ORDER BY attempted_at",

@@ -18,13 +18,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import asyncpg
 import structlog
 from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
 from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 
-from postback_libs.db import delete_in_chunks
+from postback_libs.db import UNAVAILABLE, delete_in_chunks
 from postback_libs.events import (
     CONTENT_TYPE,
     DLQ,
@@ -43,7 +42,6 @@ log = get_logger(__name__)
 
 Handler = Callable[[CloudEvent, Any, UnitOfWork], Awaitable[None]]
 BatchHook = Callable[[UnitOfWork], Awaitable[None]]
-TRANSIENT = (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError)
 
 
 class Handlers:
@@ -182,7 +180,7 @@ class BatchApplier:
         started = time.perf_counter()
         try:
             await self._apply_in_one_transaction(decoded)
-        except TRANSIENT:
+        except UNAVAILABLE:
             await self._apply_one_by_one(decoded)
         except Exception as e:  # a bad event or a bug: isolate it
             log.warning("batch failed, applying events one by one", error=repr(e))
@@ -259,7 +257,7 @@ class BatchApplier:
                 try:
                     await self._apply_in_one_transaction([d])
                     break
-                except TRANSIENT as e:
+                except UNAVAILABLE as e:
                     if self.stopping:
                         raise
                     log.warning("database unavailable, holding the partition", error=repr(e))

@@ -36,6 +36,26 @@ CREATE TABLE IF NOT EXISTS inbox (
 """
 
 
+# The database away for now (a restart, a failover, no connection to spare): wait and try
+# again, never a reason to give up on an event. Anything else a statement raises is about
+# what it was asked.
+UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,  # TimeoutError and ConnectionError among them
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,  # SQLSTATE class 08
+    asyncpg.CannotConnectNowError,  # 57P03: starting up, shutting down, in recovery
+    asyncpg.AdminShutdownError,  # 57P01
+    asyncpg.CrashShutdownError,  # 57P02
+    asyncpg.InsufficientResourcesError,  # class 53: too many connections, out of memory
+)
+# What a loop that simply tries again later catches: any database error.
+DATABASE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+)
+
+
 def schema_for(service: str) -> str:
     return service.replace("-", "_")
 

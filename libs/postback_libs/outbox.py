@@ -19,7 +19,7 @@ from typing import Any
 import asyncpg
 from aiokafka import AIOKafkaProducer
 
-from postback_libs.db import lock_key
+from postback_libs.db import DATABASE_ERRORS, lock_key
 from postback_libs.events import CONTENT_TYPE, CloudEvent, EventData, new_event
 from postback_libs.logging import get_logger
 from postback_libs.metrics import EVENTS_PRODUCED, OUTBOX_DELAY_SECONDS, OUTBOX_PENDING
@@ -147,7 +147,7 @@ class OutboxRelay:
         while not self._stopping:
             try:
                 await self._lead()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+            except DATABASE_ERRORS as e:
                 log.warning("outbox relay lost its connection", error=str(e))
                 await asyncio.sleep(1)
 

@@ -11,12 +11,11 @@ import signal
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
-import asyncpg
 import uvicorn
 from aiokafka import AIOKafkaProducer
 
 from postback_libs.consumer import BatchApplier, Handlers, purge_inbox
-from postback_libs.db import create_pool, migrate, schema_for
+from postback_libs.db import DATABASE_ERRORS, create_pool, migrate, schema_for
 from postback_libs.http import (
     App,
     ReadinessCheck,
@@ -247,7 +246,7 @@ class Service:
             for purge in (forget_old_inbox, *self.purges):
                 try:
                     await purge()
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+                except DATABASE_ERRORS as e:
                     log.warning("purge failed", purge=purge.__name__, error=repr(e))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), 3600)

@@ -11,8 +11,7 @@ import contextlib
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-import asyncpg
-
+from postback_libs.db import DATABASE_ERRORS
 from postback_libs.logging import get_logger
 
 log = get_logger(__name__)
@@ -44,7 +43,7 @@ class WorkQueue:
             free = self.concurrency - len(self._in_flight)
             try:
                 rows = await self.claim(free) if free > 0 else []
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+            except DATABASE_ERRORS as e:
                 log.warning("claiming failed", error=repr(e))
                 await asyncio.sleep(1.0)
                 continue

@@ -449,3 +449,44 @@ async def test_a_worker_that_dies_stops_its_service(settings):
     async with running(settings, build) as [svc]:
         await eventually(lambda: svc.crash is not None, timeout=10, what="the crash noted")
         assert "a bug" in repr(svc.crash)
+
+
+async def test_a_database_restarting_holds_the_partition_not_the_event(settings):
+    """Errors PostgreSQL gives while it restarts or has no connection to spare are waited out,
+    however many: they say nothing of the event, which must not be dead-lettered for them."""
+    handlers = Handlers(uid("group"), CALLS.name)
+    failures = [
+        asyncpg.CannotConnectNowError("the database system is starting up"),
+        asyncpg.AdminShutdownError("terminating connection due to administrator command"),
+        asyncpg.TooManyConnectionsError("sorry, too many clients already"),
+        asyncpg.CrashShutdownError("terminating connection because of crash"),
+        asyncpg.CannotConnectNowError("the database system is in recovery mode"),
+    ]  # the batch's attempt, then more than the handler's retries one by one
+    applied: list[str] = []
+    dead_lettered: list[str] = []
+
+    @handlers.on(CallRequested)
+    async def note(event, _payload, _uow) -> None:
+        if failures:
+            raise failures.pop(0)
+        applied.append(event.id)
+
+    class Watched(BatchApplier):
+        async def dead_letter(self, record, error, attempts):
+            dead_lettered.append(error)
+
+    pool = await create_pool(settings.database_url, "routing")
+    producer = new_producer(settings)
+    await producer.start()
+    subscription = Subscription(Watched(handlers, pool, settings, "test", producer), settings, "t")
+    try:
+        await subscription.start()
+        [event] = await publish(
+            settings, CallRequested(request_id=uid("req"), consumer_id="c", api="a")
+        )
+        await eventually(lambda: applied, timeout=60, what="the event applied")
+        assert applied == [event.id] and dead_lettered == []
+    finally:
+        await subscription.stop()
+        await producer.stop()
+        await pool.close()

@@ -19,12 +19,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
-import asyncpg
 
 from postback_delivery import domain
 from postback_delivery.domain import RetryPolicy
 from postback_delivery.recorder import Outcome, Recorder
 from postback_delivery.store import Claimed, Queue
+from postback_libs.db import DATABASE_ERRORS
 from postback_libs.logging import get_logger
 from postback_libs.settings import Settings
 from postback_libs.signing import derive_secret, signature_header
@@ -177,7 +177,7 @@ class Dispatcher:
                 if room >= self.min_claim or (room > 0 and self.outstanding == 0):
                     claimed = await self.queue.claim(room)
                 self._starved = len(claimed) >= room
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+            except DATABASE_ERRORS as e:
                 log.warning("claiming failed", error=repr(e))
                 await asyncio.sleep(1.0)
                 continue

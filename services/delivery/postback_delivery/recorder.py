@@ -11,13 +11,12 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-import asyncpg
-
 from postback_delivery import domain, store
 from postback_delivery.domain import Decision
 from postback_delivery.health import BreakerPolicy, Health, Result
 from postback_delivery.store import Claimed
 from postback_delivery.subscriptions import Message, destinations, enqueue, state_of
+from postback_libs.db import UNAVAILABLE
 from postback_libs.events import (
     CallDelivered,
     CallDeliveryFailed,
@@ -36,8 +35,6 @@ from postback_libs.settings import Settings
 from postback_libs.webhooks import NOTIFICATION_EVENTS, AttemptResult
 
 log = get_logger(__name__)
-# The database being away, as opposed to something in a batch that cannot be written.
-UNAVAILABLE = (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError)
 
 
 @dataclass(frozen=True)

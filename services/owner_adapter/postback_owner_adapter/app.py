@@ -17,11 +17,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
-import asyncpg
 from fastapi import Request, Response
 
 from postback_libs.consumer import Handlers
-from postback_libs.db import delete_in_chunks
+from postback_libs.db import DATABASE_ERRORS, delete_in_chunks
 from postback_libs.events import (
     CALLS,
     CallAccepted,
@@ -300,7 +299,7 @@ def build(settings: Settings) -> Service:
                         for r in rows
                     )
                 )
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+            except DATABASE_ERRORS as e:
                 log.warning("deadline check failed", error=repr(e))
                 rows = []
             if not rows:

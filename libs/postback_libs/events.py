@@ -28,6 +28,11 @@ class Topic:
 
 
 WEEK_MS = 7 * 24 * 3600 * 1000
+# The largest record a topic takes (its max.message.bytes) and a producer sends: an event holds
+# a call's body (up to POSTBACK_MAX_CALL_BYTES) or an owner's result (up to an API's
+# max_result_bytes, 10 MiB at most), with its envelope. Kafka's default, about 1 MB, would
+# refuse the largest and stop an outbox behind them.
+MAX_EVENT_BYTES = 16 * 1024 * 1024
 CALLS = Topic("postback.calls", "request id", "delete", WEEK_MS, "The story of every call.")
 DELIVERIES = Topic(
     "postback.deliveries",

@@ -18,9 +18,10 @@ from typing import Any
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
 from postback_libs.db import DATABASE_ERRORS, lock_key
-from postback_libs.events import CONTENT_TYPE, CloudEvent, EventData, new_event
+from postback_libs.events import CONTENT_TYPE, MAX_EVENT_BYTES, CloudEvent, EventData, new_event
 from postback_libs.logging import get_logger
 from postback_libs.metrics import EVENTS_PRODUCED, OUTBOX_DELAY_SECONDS, OUTBOX_PENDING
 from postback_libs.settings import Settings
@@ -128,6 +129,7 @@ def new_producer(settings: Settings) -> AIOKafkaProducer:
         acks="all",
         linger_ms=2,
         max_batch_size=256 * 1024,
+        max_request_size=MAX_EVENT_BYTES,
         request_timeout_ms=30_000,
     )
 
@@ -144,12 +146,26 @@ class OutboxRelay:
         self._published: list[int] = []
 
     async def run(self) -> None:
+        failures = 0
         while not self._stopping:
             try:
                 await self._lead()
+                failures = 0
             except DATABASE_ERRORS as e:
                 log.warning("outbox relay lost its connection", error=str(e))
                 await asyncio.sleep(1)
+            except KafkaError as e:
+                # What was not acknowledged is published again: consumers know events by id.
+                failures += 1
+                if isinstance(e, MessageSizeTooLargeError):
+                    log.error(
+                        "the broker refuses an event as too large: raise the topic's "
+                        f"max.message.bytes to {MAX_EVENT_BYTES} (postback topics create does)",
+                        error=repr(e),
+                    )
+                else:
+                    log.warning("publishing failed, retrying", error=repr(e))
+                await asyncio.sleep(min(0.5 * 2**failures, 10.0))
 
     async def _lead(self) -> None:
         # Deleting published rows need not wait for the disk: rows a crash brings back are

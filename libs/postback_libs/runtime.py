@@ -137,7 +137,9 @@ class Service:
         self.producer = new_producer(s)
         await self.producer.start()
         self.relay = OutboxRelay(s.database_url, self.schema, self.producer)
-        self._tasks.append(asyncio.create_task(self.relay.run(), name="outbox-relay"))
+        relay = asyncio.create_task(self.relay.run(), name="outbox-relay")
+        relay.add_done_callback(self._worker_ended)
+        self._tasks.append(relay)
         for fn in self._on_start:
             await fn()
         for handlers in self._handlers:
@@ -199,7 +201,7 @@ class Service:
             await self.relay.stop()  # publishes what is pending, then returns
             relay_task = [t for t in self._tasks if t.get_name() == "outbox-relay"]
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.gather(*relay_task), 5)
+                await asyncio.wait_for(asyncio.gather(*relay_task, return_exceptions=True), 5)
         self._tasks.clear()
         if self.producer is not None:
             await self.producer.stop()

@@ -10,13 +10,13 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from postback_libs.events import TOPICS
+from postback_libs.events import MAX_EVENT_BYTES, TOPICS
 from postback_libs.offsets import OffsetGaps
 from postback_libs.settings import Settings
 
 
 def topic_configs(cleanup: str, retention_ms: int) -> dict[str, str]:
-    configs = {"cleanup.policy": cleanup}
+    configs = {"cleanup.policy": cleanup, "max.message.bytes": str(MAX_EVENT_BYTES)}
     if cleanup == "delete":
         configs["retention.ms"] = str(retention_ms)
     return configs

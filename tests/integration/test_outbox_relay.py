@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import asyncpg
+from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError
 from aiokafka.partitioner import murmur2
 
 from postback_libs.db import schema_for
@@ -47,6 +48,36 @@ async def test_the_relay_publishes_in_order_per_key_to_the_keys_partition(settin
             return await pool.fetchval("SELECT count(*) FROM outbox") == 0
 
         await eventually(outbox_empty, timeout=5, what="published rows deleted")
+    finally:
+        await relay.stop()
+        await task
+        await producer.stop()
+        await pool.close()
+
+
+async def test_the_relay_rides_out_a_broker_that_fails_a_send(settings) -> None:
+    """A send the broker fails (it is away, or refuses a record) is tried again: the relay
+    carries on and the event is published, where it once ended the relay for good."""
+    pool = await asyncpg.create_pool(settings.database_url, server_settings={"search_path": SCHEMA})
+    producer = new_producer(settings)
+    await producer.start()
+    failures = [KafkaConnectionError("the broker went away"), MessageSizeTooLargeError("big")]
+    send_batch = producer.send_batch
+
+    async def flaky(*args, **kwargs):
+        if failures:
+            raise failures.pop(0)
+        return await send_batch(*args, **kwargs)
+
+    producer.send_batch = flaky  # type: ignore[method-assign]
+    relay = OutboxRelay(settings.database_url, SCHEMA, producer)
+    task = asyncio.create_task(relay.run())
+    try:
+        async with TopicReader(settings, "postback.calls") as reader:
+            async with unit_of_work(pool, "test", settings, relay.wake) as uow:
+                uow.emit(call_routed("http://127.0.0.1:9/", request_id="req_relay_flaky"))
+            await eventually(lambda: reader.raw, timeout=30, what="the event published")
+        assert not failures and not task.done()
     finally:
         await relay.stop()
         await task

@@ -193,6 +193,9 @@ class BatchApplier:
         for record in records:
             last[(record.topic, record.partition)] = record
         assigned = consumer.assignment()
+        # Partitions a rebalance took away are the new owner's to count.
+        owned = {tp.partition for tp in assigned}
+        self._behind = {p: n for p, n in self._behind.items() if p in owned}
         for (topic, partition), record in last.items():
             tp = TopicPartition(topic, partition)
             if tp not in assigned:  # taken by a rebalance while its batch was written

@@ -20,8 +20,17 @@ log = get_logger(__name__)
 
 
 class TopicFollower:
-    def __init__(self, bootstrap: str, topic: str, apply: Callable[[CloudEvent], None]) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        apply: Callable[[CloudEvent], None],
+        on_crash: Callable[[BaseException], None] | None = None,
+    ) -> None:
         self.bootstrap, self.topic, self.apply = bootstrap, topic, apply
+        # Told if following dies of an error: the view would stop there while the service
+        # goes on deciding by it, so the service should stop and be started again.
+        self.on_crash = on_crash
         self.partitions: list[TopicPartition] = []
         self._task: asyncio.Task[None] | None = None
         self._progress = asyncio.Condition()
@@ -46,6 +55,7 @@ class TopicFollower:
         await self.consumer.seek_to_beginning(*self.partitions)
         await self._note_positions()
         self._task = asyncio.create_task(self._follow(), name=f"follow {self.topic}")
+        self._task.add_done_callback(self._ended)
         await self.caught_up(timeout=60)
 
     async def _follow(self) -> None:
@@ -60,6 +70,14 @@ class TopicFollower:
             await self._note_positions()
             async with self._progress:
                 self._progress.notify_all()
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        error = None if task.cancelled() else task.exception()
+        if error is None:
+            return
+        log.critical("following stopped", topic=self.topic, error=repr(error))
+        if self.on_crash is not None:
+            self.on_crash(error)
 
     async def _note_positions(self) -> None:
         for tp in self.partitions:
@@ -83,6 +101,7 @@ class TopicFollower:
     async def stop(self) -> None:
         if self._task:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # A follower that died has said so (`_ended`); it still stops in order.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
         await self.consumer.stop()

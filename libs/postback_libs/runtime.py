@@ -160,11 +160,12 @@ class Service:
         applier = BatchApplier(handlers, self.pool, self.settings, self.name, producer, relay.wake)
         self.appliers.append(applier)
         self.subscriptions.append(
-            Subscription(applier, self.settings, f"postback-{self.name}", self._crashed)
+            Subscription(applier, self.settings, f"postback-{self.name}", self.crashed)
         )
 
-    def _crashed(self, error: BaseException) -> None:
-        """A consumer loop died: stop, and exit non-zero so the supervisor starts this again."""
+    def crashed(self, error: BaseException) -> None:
+        """Something the service runs on died (a consumer loop, a worker, a follower): stop,
+        and exit non-zero so the supervisor starts this again."""
         self.crash = error
         self._stop_requested.set()
 
@@ -176,7 +177,7 @@ class Service:
         error = task.exception()
         assert error is not None
         log.critical("worker died", worker=task.get_name(), error=repr(error))
-        self._crashed(error)
+        self.crashed(error)
 
     async def stop(self) -> None:
         if not self._started:

@@ -76,9 +76,14 @@ def build(settings: Settings) -> Service:
     service = Service("routing", "postback_routing", settings)
     catalog = Catalog()
     health = UpstreamHealth()
-    apis = TopicFollower(settings.kafka_bootstrap, settings.topic(CATALOG.name), catalog.apply_api)
+    apis = TopicFollower(
+        settings.kafka_bootstrap, settings.topic(CATALOG.name), catalog.apply_api, service.crashed
+    )
     accounts = TopicFollower(
-        settings.kafka_bootstrap, settings.topic(ACCOUNTS.name), catalog.apply_account
+        settings.kafka_bootstrap,
+        settings.topic(ACCOUNTS.name),
+        catalog.apply_account,
+        service.crashed,
     )
     handlers = Handlers("routing", CALLS.name, after_batch=admit_and_emit)
 

@@ -184,25 +184,35 @@ class Service:
             return
         self._started = False
         self._stopping.set()
+        # Half the grace is the HTTP server's (serve); this is the other half, shared by every
+        # step below, so the whole drain ends within the grace the platform gives it.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.shutdown_grace_seconds / 2
+
+        def left(at_least: float = 0.5) -> float:
+            return max(at_least, deadline - loop.time())
+
         for applier in self.appliers:
             applier.stopping = True
         # Each group finishes the batch in hand and commits it before it leaves.
-        await asyncio.gather(*(sub.stop() for sub in self.subscriptions))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                asyncio.gather(*(sub.stop() for sub in self.subscriptions)), left()
+            )
         for fn in self._on_stop:
             await fn()
         workers = [t for t in self._tasks if t.get_name() != "outbox-relay"]
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(
-                asyncio.gather(*workers, return_exceptions=True),
-                self.settings.shutdown_grace_seconds / 2,
-            )
+            await asyncio.wait_for(asyncio.gather(*workers, return_exceptions=True), left())
         for t in workers:
             t.cancel()
         if self.relay is not None:
             await self.relay.stop()  # publishes what is pending, then returns
             relay_task = [t for t in self._tasks if t.get_name() == "outbox-relay"]
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.gather(*relay_task, return_exceptions=True), 5)
+                await asyncio.wait_for(
+                    asyncio.gather(*relay_task, return_exceptions=True), left(at_least=2.0)
+                )
         self._tasks.clear()
         if self.producer is not None:
             await self.producer.stop()

@@ -1,5 +1,6 @@
 """Routing decisions and the catalog routing builds from the compacted topics."""
 
+import itertools
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -302,6 +303,22 @@ def test_catalog_forgets_the_old_slug_on_rename():
     assert cat.find("climate").version == 2
     assert cat.find("weather") is None
     assert cat.find("api_1").slug == "climate"
+
+
+def test_a_slug_passed_on_survives_a_replay_of_the_catalog_in_any_order():
+    """A renamed `foo` to `bar`, then B took `foo`. A compacted catalog may still hold A's old
+    state: read in any order, `foo` ends as B's."""
+    events = [
+        api_event(ApiRegistered, api_id="api_a", slug="foo", version=1),
+        api_event(api_id="api_a", slug="bar", version=2),
+        api_event(ApiRegistered, api_id="api_b", slug="foo", version=1),
+    ]
+    for order in itertools.permutations(events):
+        cat = Catalog()
+        for e in order:
+            cat.apply_api(e)
+        assert cat.find("foo").api_id == "api_b"
+        assert cat.find("bar").api_id == "api_a"
 
 
 def test_catalog_keeps_apis_apart():

@@ -25,7 +25,9 @@ class Catalog:
 
     def __init__(self) -> None:
         self.apis: dict[str, ApiState] = {}
-        self.by_slug: dict[str, str] = {}
+        # Every API whose current state holds the slug: replaying a compacted catalog, an old
+        # state of one API can name a slug another API holds now, until its newer state comes.
+        self.by_slug: dict[str, set[str]] = {}
         self.accounts: dict[str, AccountState] = {}
 
     def apply_api(self, event: CloudEvent) -> None:
@@ -33,18 +35,24 @@ class Catalog:
         known = self.apis.get(api.api_id)
         if known is not None and known.version > api.version:
             return  # an older state replayed after a newer one
-        renamed = known is not None and known.slug != api.slug
-        if renamed and known is not None and self.by_slug.get(known.slug) == api.api_id:
-            del self.by_slug[known.slug]
+        if known is not None:
+            holders = self.by_slug.get(known.slug, set())
+            holders.discard(api.api_id)
+            if not holders:
+                self.by_slug.pop(known.slug, None)
         self.apis[api.api_id] = api
-        self.by_slug[api.slug] = api.api_id
+        self.by_slug.setdefault(api.slug, set()).add(api.api_id)
 
     def apply_account(self, event: CloudEvent) -> None:
         account = AccountState.model_validate(event.data["account"])
         self.accounts[account.account_id] = account
 
     def find(self, ref: str) -> ApiState | None:
-        return self.apis.get(ref) or self.apis.get(self.by_slug.get(ref, ""))
+        """The API by id or slug (an active one before a retired one holding it)."""
+        if ref in self.apis:
+            return self.apis[ref]
+        holders = [self.apis[i] for i in self.by_slug.get(ref, ())]
+        return max(holders, key=lambda a: (a.status == "active", a.api_id), default=None)
 
 
 def reject(req: CallRequested, reason: RejectReason, detail: str) -> CallRejected:

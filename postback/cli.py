@@ -164,9 +164,14 @@ def projection_rebuild() -> None:
             typer.echo(f"  replayed {applied:,} of {total:,} events")
 
     from postback_libs.runtime import run_event_loop, tune_gc
+    from postback_projection.rebuild import IncompleteHistory
 
     tune_gc()  # a replay makes millions of short-lived objects, as a running service does
-    result = run_event_loop(rebuild(get_settings(), progress))
+    try:
+        result = run_event_loop(rebuild(get_settings(), progress))
+    except IncompleteHistory as e:
+        typer.echo(f"not rebuilt: {e}", err=True)
+        raise typer.Exit(1) from None
     typer.echo(
         f"read model rebuilt from {result['events']:,} events in {result['seconds']} s, "
         f"swapped in within {result['swap_seconds']} s ({', '.join(result['tables'])})"

@@ -366,3 +366,28 @@ def test_any_order_of_a_call_events_ends_in_the_same_row(case):
     final = project(shuffled)
     assert final["status"] == LIVES[name][1]
     assert final == project(in_order)
+
+
+async def test_a_rebuild_is_refused_when_a_topic_lost_its_oldest_events():
+    """Retention took the start of a topic: replaying what is left would drop every older
+    call from the read model, so the rebuild refuses and says why."""
+    from aiokafka import TopicPartition
+
+    from postback_libs.settings import Settings
+    from postback_projection.rebuild import IncompleteHistory, Replay
+
+    class Log:
+        async def start(self) -> None: ...
+
+        def partitions_for_topic(self, topic: str) -> set[int]:
+            return {0, 1}
+
+        def assign(self, partitions) -> None: ...
+
+        async def beginning_offsets(self, partitions):
+            return {tp: 40 if tp == TopicPartition("postback.calls", 1) else 0 for tp in partitions}
+
+    replay = Replay(Settings(), None, None)
+    replay.consumer = Log()  # type: ignore[assignment]
+    with pytest.raises(IncompleteHistory, match=r"postback\.calls no longer"):
+        await replay.start()

@@ -30,6 +30,10 @@ KEEP_OUT = {"schema_migrations", "outbox"}
 Progress = Callable[[int, int], None]
 
 
+class IncompleteHistory(Exception):
+    """A topic no longer holds its whole history: a rebuild would lose what retention took."""
+
+
 class Replay:
     """Applies every topic of the projection, from the beginning, into the rebuild schema."""
 
@@ -52,17 +56,27 @@ class Replay:
             parts = self.consumer.partitions_for_topic(topic) or set()
             self.partitions += [TopicPartition(topic, p) for p in sorted(parts)]
         self.consumer.assign(self.partitions)
+        starts = await self.consumer.beginning_offsets(self.partitions)
+        cut = sorted({tp.topic for tp, start in starts.items() if start > 0})
+        if cut:
+            raise IncompleteHistory(
+                f"{', '.join(cut)} no longer hold their whole history (retention removed the "
+                "oldest events): a rebuild would drop every call and delivery older than that "
+                "from the read model. Keep these topics longer (retention.ms) to rebuild."
+            )
         await self.consumer.seek_to_beginning(*self.partitions)
         prefix = self.settings.topic_prefix
         await self.gaps.expect_log_start(
             self.consumer, [tp for tp in self.partitions if guarded(tp.topic.removeprefix(prefix))]
         )
 
-    async def until_end(self, progress: Progress) -> None:
+    async def until_end(self, progress: Progress, *, settle: bool = True) -> None:
         """Apply everything the topics hold now, and what arrives while doing so, until a
         fetch comes back empty. The end offsets are a floor, not the stop: some brokers report
         them a batch behind, and reading past them is harmless (the live projection applies
-        again what was already applied, which changes nothing).
+        again what was already applied, which changes nothing). `settle=False` stops at the
+        end offsets: under the swap lock, what comes after them the live projection applies
+        to the new tables once it has the lock back, so chasing it would only hold the lock.
 
         Each topic's batches are written in order; the topics' writes run side by side, and
         the next records are decoded while they do."""
@@ -87,7 +101,7 @@ class Replay:
             self.applied += sum(n for _, _, n in decoded)
             behind = {tp for tp in behind if await self.consumer.position(tp) < ends[tp]}
             progress(self.applied, max(total, self.applied))
-            if not fetched and not behind and not self.gaps.waiting():
+            if not behind and not self.gaps.waiting() and (not fetched or not settle):
                 return
         await asyncio.gather(*writing)
 
@@ -138,11 +152,12 @@ async def rebuild(settings: Settings, progress: Progress) -> dict[str, Any]:
         await replay.until_end(progress)
         for definition in deferred:
             await admin.execute(definition)
+        await replay.until_end(progress)  # what arrived while the indexes were built
         async with admin.transaction():
             # Live batches wait from here; the replay takes what arrived meanwhile, then the
             # tables change hands in this one transaction.
             await admin.execute("SELECT pg_advisory_xact_lock($1)", SWAP_LOCK)
-            await replay.until_end(progress)
+            await replay.until_end(progress, settle=False)
             swapping = time.perf_counter()
             tables = await _tables(admin, REBUILD)
             for table in tables:

@@ -143,6 +143,9 @@ class BatchApplier:
         self.events_behind = 0
         self.seconds_behind = 0.0
         self._behind: dict[int, int] = {}
+        # Per partition, the log time of the last record applied: how far behind the group is
+        # is its lagging partition's, not its freshest one's.
+        self._applied_at: dict[int, float] = {}
 
     async def apply(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
         await self.write(await self.decode(records))
@@ -196,6 +199,7 @@ class BatchApplier:
         # Partitions a rebalance took away are the new owner's to count.
         owned = {tp.partition for tp in assigned}
         self._behind = {p: n for p, n in self._behind.items() if p in owned}
+        self._applied_at = {p: t for p, t in self._applied_at.items() if p in owned}
         for (topic, partition), record in last.items():
             tp = TopicPartition(topic, partition)
             if tp not in assigned:  # taken by a rebalance while its batch was written
@@ -203,9 +207,12 @@ class BatchApplier:
             end = consumer.highwater(tp)
             if end is not None:
                 self._behind[partition] = max(0, end - record.offset - 1)
+            self._applied_at[partition] = record.timestamp / 1000
         self.events_behind = sum(self._behind.values())
-        newest = max((r.timestamp for r in last.values()), default=0) / 1000
-        self.seconds_behind = max(0.0, time.time() - newest) if self.events_behind else 0.0
+        lagging = [
+            self._applied_at[p] for p, n in self._behind.items() if n and p in self._applied_at
+        ]
+        self.seconds_behind = max(0.0, time.time() - min(lagging)) if lagging else 0.0
         CONSUMER_LAG.labels(self.group, self.handlers.topic).set(self.events_behind)
         SECONDS_BEHIND.labels(self.group, self.handlers.topic).set(self.seconds_behind)
 

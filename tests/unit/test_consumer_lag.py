@@ -1,0 +1,45 @@
+"""How far behind a consumer group is: its lagging partition's time, not its freshest's."""
+
+import time
+
+import pytest
+from aiokafka import ConsumerRecord, TopicPartition
+
+from postback_libs.consumer import BatchApplier, Handlers
+from postback_libs.settings import Settings
+
+pytestmark = pytest.mark.unit
+TOPIC = "postback.calls"
+
+
+def record(partition: int, offset: int, age_seconds: float) -> ConsumerRecord:
+    at = int((time.time() - age_seconds) * 1000)
+    return ConsumerRecord(TOPIC, partition, offset, at, 0, b"k", b"v", None, 1, 1, [])
+
+
+class Consumer:
+    def __init__(self, ends: dict[int, int]) -> None:
+        self.ends = ends
+
+    def assignment(self) -> set[TopicPartition]:
+        return {TopicPartition(TOPIC, p) for p in self.ends}
+
+    def highwater(self, tp: TopicPartition) -> int:
+        return self.ends[tp.partition]
+
+
+def test_a_partition_an_hour_behind_shows_though_another_is_current():
+    applier = BatchApplier(Handlers("g", TOPIC), None, Settings(), "t", None)  # type: ignore[arg-type]
+    applier.note_lag(
+        [record(0, 9, age_seconds=3600), record(1, 99, age_seconds=0.1)],
+        Consumer({0: 50_000, 1: 100}),
+    )
+    assert applier.events_behind == 49_990
+    assert 3590 < applier.seconds_behind < 3610
+
+
+def test_caught_up_is_no_time_behind_and_a_revoked_partition_is_forgotten():
+    applier = BatchApplier(Handlers("g", TOPIC), None, Settings(), "t", None)  # type: ignore[arg-type]
+    applier.note_lag([record(0, 9, 3600), record(1, 99, 1)], Consumer({0: 50_000, 1: 100}))
+    applier.note_lag([record(1, 199, 1)], Consumer({1: 200}))  # partition 0 went elsewhere
+    assert (applier.events_behind, applier.seconds_behind) == (0, 0.0)

@@ -152,7 +152,15 @@ app.add_typer(projection_app, name="projection")
 
 
 @projection_app.command("rebuild")
-def projection_rebuild() -> None:
+def projection_rebuild(
+    partial: Annotated[
+        bool,
+        typer.Option(
+            help="Rebuild from what the topics still hold, though retention removed their "
+            "oldest events (calls older than that leave the read model)."
+        ),
+    ] = False,
+) -> None:
     """Replay the topics into a fresh read model and swap it in atomically."""
     from postback_projection.rebuild import rebuild
 
@@ -168,7 +176,7 @@ def projection_rebuild() -> None:
 
     tune_gc()  # a replay makes millions of short-lived objects, as a running service does
     try:
-        result = run_event_loop(rebuild(get_settings(), progress))
+        result = run_event_loop(rebuild(get_settings(), progress, partial=partial))
     except IncompleteHistory as e:
         typer.echo(f"not rebuilt: {e}", err=True)
         raise typer.Exit(1) from None
@@ -212,8 +220,9 @@ def dlq_replay(
     found = asyncio.run(letters(settings, group))
     chosen = [letter for letter in found if not ids or letter.id in ids]
     missing = sorted(set(ids or ()) - {letter.id for letter in chosen})
-    refused = [(letter, why) for letter in chosen if (why := refusal(settings, letter))]
-    ready = [letter for letter in chosen if not refusal(settings, letter)]
+    why_not = {letter.id: refusal(settings, letter) for letter in chosen}
+    refused = [(letter, why_not[letter.id]) for letter in chosen if why_not[letter.id]]
+    ready = [letter for letter in chosen if not why_not[letter.id]]
     asyncio.run(replay(settings, ready))
     for letter in ready:
         typer.echo(f"replayed {letter.id} for {letter.data.consumer_group}")

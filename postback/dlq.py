@@ -63,11 +63,16 @@ def refusal(settings: Settings, letter: Letter) -> str | None:
             "change the entity again to publish its current state"
         )
     if d.consumer_group in _read_model_groups():
-        return "the read model is rebuilt, not replayed: run `postback projection rebuild`"
+        return (
+            "the read model is rebuilt, not replayed: `postback projection rebuild` (with "
+            "--partial once retention has removed the topics' oldest events)"
+        )
     try:
-        json.loads(d.original)
+        event = json.loads(d.original)
     except ValueError:
-        return "the original is not JSON: there is nothing a consumer could apply"
+        event = None
+    if not isinstance(event, dict):
+        return "the original is not a JSON event: there is nothing a consumer could apply"
     return None
 
 

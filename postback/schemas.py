@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from postback_libs.events import EVENT_TYPES, TOPICS, Topic, envelope_model
+from postback_libs.events import CONTENT_TYPE, EVENT_TYPES, TOPICS, Topic, envelope_model
 from postback_libs.settings import Settings
 
 
@@ -30,7 +30,7 @@ def event_schemas() -> dict[str, dict[str, Any]]:
 HEADERS = {
     "type": "object",
     "properties": {
-        "content-type": {"const": "application/cloudevents+json"},
+        "content-type": {"const": CONTENT_TYPE},
         "ce_type": {"type": "string", "description": "The event's `type`."},
         "traceparent": {"type": "string", "description": "W3C trace context, when traced."},
     },

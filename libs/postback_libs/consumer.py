@@ -27,6 +27,7 @@ from postback_libs.db import UNAVAILABLE, delete_in_chunks
 from postback_libs.events import (
     CONTENT_TYPE,
     DLQ,
+    MAX_EVENT_BYTES,
     CloudEvent,
     DeadLetterRecorded,
     EventData,
@@ -291,7 +292,8 @@ class BatchApplier:
             original_key=key,
             error=error[:4000],
             attempts=attempts,
-            original=(record.value or b"").decode(errors="replace"),
+            # Escaped inside the letter, an event near the largest a topic takes would not fit.
+            original=(record.value or b"")[: MAX_EVENT_BYTES // 4].decode(errors="replace"),
         )
         cause = f"{record.topic}:{record.partition}:{record.offset}:{self.group}"
         trace = _header(record, "traceparent")

@@ -293,8 +293,8 @@ class CallSettled(CallRef):
 
 @event("call.refunded", CALLS, "request_id")
 class CallRefunded(CallRef):
-    """The reservation was voided because the call failed or timed out (`outcome`); one no
-    outcome came for by long past its deadline is refunded as `call.timed_out` too."""
+    """The reservation was voided because the call failed or timed out (`outcome`). A call
+    with no outcome long after its deadline is refunded with `outcome` = `call.timed_out`."""
 
     consumer_id: str
     amount: Money = Field(ge=0)
@@ -645,7 +645,9 @@ class DeadLetterRecorded(EventData):
     original_key: str
     error: str
     attempts: int
-    original: str = Field(description="The message value as text (UTF-8, replaced if invalid).")
+    original: str = Field(
+        description="The message value as text (UTF-8, replaced if invalid), its first 4 MiB."
+    )
 
 
 # Webhook delivery: messages queued and commands from ingress (postback.deliveries) -----------

@@ -81,7 +81,13 @@ class GuardRequests:
             await problem.response()(scope, receive, send)
             return
         length = dict(scope["headers"]).get(b"content-length", b"0")
-        if not length.isdigit() or int(length) > self.max_bytes:
+        if not length.isdigit():
+            problem = Problem(
+                400, "invalid-content-length", "Invalid Content-Length", "send a number of bytes"
+            )
+            await problem.response(scope["path"])(scope, receive, send)
+            return
+        if int(length) > self.max_bytes:
             await self._too_large().response(scope["path"])(scope, receive, send)
             return
         read = 0

@@ -144,19 +144,18 @@ class OutboxRelay:
         # Positions published and acknowledged, deleted by the next `publish_pending`; after
         # a crash they are published again, and consumers know the events by id.
         self._published: list[int] = []
+        self._failures = 0  # publishing failures in a row
 
     async def run(self) -> None:
-        failures = 0
         while not self._stopping:
             try:
                 await self._lead()
-                failures = 0
             except DATABASE_ERRORS as e:
                 log.warning("outbox relay lost its connection", error=str(e))
                 await asyncio.sleep(1)
             except KafkaError as e:
                 # What was not acknowledged is published again: consumers know events by id.
-                failures += 1
+                self._failures += 1
                 if isinstance(e, MessageSizeTooLargeError):
                     log.error(
                         "the broker refuses an event as too large: raise the topic's "
@@ -165,7 +164,7 @@ class OutboxRelay:
                     )
                 else:
                     log.warning("publishing failed, retrying", error=repr(e))
-                await asyncio.sleep(min(0.5 * 2**failures, 10.0))
+                await asyncio.sleep(min(0.5 * 2 ** min(self._failures, 5), 10.0))
 
     async def _lead(self) -> None:
         # Deleting published rows need not wait for the disk: rows a crash brings back are
@@ -215,6 +214,7 @@ class OutboxRelay:
         # By position, not by range: a transaction that commits late can hold a lower position
         # than rows already published, and must not be deleted unpublished.
         self._published = [r["position"] for r in rows]
+        self._failures = 0
         acked = time.time()
         for topic, n in Counter(r["topic"] for r in rows).items():
             EVENTS_PRODUCED.labels(topic).inc(n)

@@ -82,6 +82,7 @@ class Service:
         self._tasks: list[asyncio.Task[None]] = []
         self._checks: list[ReadinessCheck] = [self._db_ready, self._relay_ready]
         self._started = False
+        self._drain_deadline = 0.0
         self._server: _Server | None = None
         install_health_routes(self.app, self._checks)
 
@@ -163,6 +164,10 @@ class Service:
             Subscription(applier, self.settings, f"postback-{self.name}", self.crashed)
         )
 
+    def drain_time_left(self, at_least: float = 0.5) -> float:
+        """Seconds left of the drain (`stop`), for an `on_stop` step that waits on work."""
+        return max(at_least, self._drain_deadline - asyncio.get_running_loop().time())
+
     def crashed(self, error: BaseException) -> None:
         """Something the service runs on died (a consumer loop, a worker, a follower): stop,
         and exit non-zero so the supervisor starts this again."""
@@ -186,11 +191,10 @@ class Service:
         self._stopping.set()
         # Half the grace is the HTTP server's (serve); this is the other half, shared by every
         # step below, so the whole drain ends within the grace the platform gives it.
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.shutdown_grace_seconds / 2
-
-        def left(at_least: float = 0.5) -> float:
-            return max(at_least, deadline - loop.time())
+        self._drain_deadline = (
+            asyncio.get_running_loop().time() + self.settings.shutdown_grace_seconds / 2
+        )
+        left = self.drain_time_left
 
         for applier in self.appliers:
             applier.stopping = True

@@ -17,8 +17,8 @@ def recordable(text: str) -> str:
     keeps as lone surrogates) and NULs become U+FFFD."""
     try:
         raw = text.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:  # a surrogate that stands for no byte
-        raw = text.encode("utf-8", "replace")
+    except UnicodeEncodeError:  # a surrogate that stands for no byte: each becomes U+FFFD
+        raw = text.encode("utf-8", "surrogatepass")
     return raw.decode("utf-8", "replace").replace("\x00", "\ufffd")
 
 

@@ -64,7 +64,7 @@ async def read_whole_topic(
         bootstrap_servers=settings.kafka_bootstrap,
         enable_auto_commit=False,
         group_id=None,
-        max_partition_fetch_bytes=8 * 1024 * 1024,
+        max_partition_fetch_bytes=MAX_EVENT_BYTES,
     )
     await consumer.start()
     try:

@@ -129,36 +129,36 @@ def test_failed_outcome_with_refund_cost():
 # Retry schedule -----------------------------------------------------------------------------
 
 
-def next_delay(schedule: list[float], attempts_made: int, rng: random.Random) -> float | None:
+def planned_delay(schedule: list[float], attempts_made: int, rng: random.Random) -> float | None:
     """Seconds until the attempt after `attempts_made`, as `plan_retry` plans it."""
     due = plan_retry(RetryPolicy(tuple(schedule)), attempts_made, NOW, NOW, rng)
     return None if due is None else (due - NOW).total_seconds()
 
 
-def test_next_delay_follows_the_schedule_with_jitter():
+def test_planned_delay_follows_the_schedule_with_jitter():
     rng = random.Random(7)
     for attempts_made, base in enumerate(SCHEDULE):
-        delay = next_delay(SCHEDULE, attempts_made, rng)
+        delay = planned_delay(SCHEDULE, attempts_made, rng)
         assert delay is not None
         assert 0.8 * base <= delay <= 1.2 * base
 
 
-def test_next_delay_is_none_when_the_schedule_is_exhausted():
+def test_planned_delay_is_none_when_the_schedule_is_exhausted():
     rng = random.Random(1)
-    assert next_delay(SCHEDULE, len(SCHEDULE), rng) is None
-    assert next_delay(SCHEDULE, len(SCHEDULE) + 5, rng) is None
-    assert next_delay([], 0, rng) is None
+    assert planned_delay(SCHEDULE, len(SCHEDULE), rng) is None
+    assert planned_delay(SCHEDULE, len(SCHEDULE) + 5, rng) is None
+    assert planned_delay([], 0, rng) is None
 
 
-def test_next_delay_is_reproducible_with_a_seed():
-    a = [next_delay(SCHEDULE, i, random.Random(42)) for i in range(4)]
-    b = [next_delay(SCHEDULE, i, random.Random(42)) for i in range(4)]
+def test_planned_delay_is_reproducible_with_a_seed():
+    a = [planned_delay(SCHEDULE, i, random.Random(42)) for i in range(4)]
+    b = [planned_delay(SCHEDULE, i, random.Random(42)) for i in range(4)]
     assert a == b
 
 
-def test_next_delay_jitters():
+def test_planned_delay_jitters():
     rng = random.Random(3)
-    delays = {next_delay([100.0], 0, rng) for _ in range(200)}
+    delays = {planned_delay([100.0], 0, rng) for _ in range(200)}
     assert len(delays) > 100
     assert min(delays) < 90 < 110 < max(delays)  # spread over most of ±20 %
     assert all(80 <= d <= 120 for d in delays)
@@ -169,8 +169,8 @@ def test_next_delay_jitters():
     attempts_made=st.integers(min_value=0, max_value=12),
     seed=st.integers(),
 )
-def test_next_delay_property(schedule, attempts_made, seed):
-    delay = next_delay(schedule, attempts_made, random.Random(seed))
+def test_planned_delay_property(schedule, attempts_made, seed):
+    delay = planned_delay(schedule, attempts_made, random.Random(seed))
     if attempts_made >= len(schedule):
         assert delay is None
     else:
@@ -183,7 +183,7 @@ def test_next_delay_property(schedule, attempts_made, seed):
 def test_a_step_out_of_bounds_is_held_to_them(step):
     """Schedules are checked where they are set; one from an older event must still give a
     time (a step of 1e12 s once raised, after the request had gone out)."""
-    delay = next_delay([step], 0, random.Random(1))
+    delay = planned_delay([step], 0, random.Random(1))
     assert delay is not None
     assert 0 <= delay <= 1.2 * MAX_RETRY_DELAY_SECONDS
 

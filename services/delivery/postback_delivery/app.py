@@ -57,7 +57,7 @@ def build(settings: Settings) -> Service:
 
     @service.on_stop
     async def drain() -> None:
-        await dispatcher.drain(settings.shutdown_grace_seconds / 2)
+        await dispatcher.drain(service.drain_time_left())
         recorder.stop()
         await http["session"].close()
 

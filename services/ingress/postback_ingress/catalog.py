@@ -20,11 +20,11 @@ from postback_libs.signing import derive_secret
 
 # Where an API runs and the platform's share of its price are its owner's: a caller who knew
 # the upstream could go around the gateway.
-OWNER_ONLY = ("endpoint", "endpoints", "demo_endpoint", "fee_bps")
+OWNER_ONLY_FIELDS = ("endpoint", "endpoints", "demo_endpoint", "fee_bps")
 
 
-def public(state: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in state.items() if k not in OWNER_ONLY}
+def public_view(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in state.items() if k not in OWNER_ONLY_FIELDS}
 
 
 def router(service: Service) -> APIRouter:
@@ -144,7 +144,7 @@ def router(service: Service) -> APIRouter:
             caller = await authenticate(service.pool, request)
             if caller.account_id == state["owner_id"]:
                 return JSONResponse(state)
-        return JSONResponse(public(state))
+        return JSONResponse(public_view(state))
 
     @api.get("/v1/apis")
     async def search_apis(
@@ -183,7 +183,7 @@ def router(service: Service) -> APIRouter:
             limit + 1,
         )
         page = rows[:limit]
-        body: dict[str, Any] = {"data": [public(json.loads(r["state"])) for r in page]}
+        body: dict[str, Any] = {"data": [public_view(json.loads(r["state"])) for r in page]}
         if len(rows) > limit:
             last = page[-1]
             body["next_cursor"] = encode_cursor(float(last["rank"]), last["api_id"])

@@ -48,7 +48,10 @@ log = get_logger(__name__)
 OPEN = ("routed", "pending", "dispatching", "accepted")
 USER_AGENT = "Postback/0.1.0"
 DEADLINE_SLACK = timedelta(milliseconds=50)
-LEASE_MARGIN_SECONDS = 2.0  # clocks and scheduling between a lease's end and a request's
+# What a claim's lease keeps beyond its request, at worst: the outcome's recording (10 s, as
+# delivery's), and slack for the two clocks compared, the database's lease and this process's.
+RECORDING_SECONDS = 10.0
+LEASE_MARGIN_SECONDS = 2.0
 HAND_BACK = """
 UPDATE dispatches SET status = 'pending', attempts = attempts - 1, lease_until = NULL,
     next_attempt_at = now(), updated_at = now()
@@ -60,7 +63,8 @@ def build(settings: Settings) -> Service:
     service = Service("owner-adapter", "postback_owner_adapter", settings)
     master = settings.secret_key.get_secret_value().encode()
     # A claimed dispatch's lease outlives its request's timeout: only a dead replica loses one.
-    lease_seconds = settings.owner_timeout_seconds + 5
+    # A claim may wait up to 8 s for a slot (else it is handed back), then its request runs.
+    lease_seconds = settings.owner_timeout_seconds + 8 + RECORDING_SECONDS + LEASE_MARGIN_SECONDS
     handlers = Handlers("owner-adapter", CALLS.name)
     session: dict[str, aiohttp.ClientSession] = {}
 
@@ -136,7 +140,8 @@ def build(settings: Settings) -> Service:
         total = max(
             0.1, min(settings.owner_timeout_seconds, (row["deadline"] - now).total_seconds())
         )
-        if (row["lease_until"] - now).total_seconds() < total + LEASE_MARGIN_SECONDS:
+        headroom = total + RECORDING_SECONDS + LEASE_MARGIN_SECONDS
+        if (row["lease_until"] - now).total_seconds() < headroom:
             # It waited for a slot so long that its lease could run out mid-request, and
             # another replica forward it too: handed back instead, due again at once.
             await hand_back(rid, attempt)
@@ -317,14 +322,11 @@ def build(settings: Settings) -> Service:
 
     @service.on_stop
     async def drain() -> None:
-        await queue.drain(settings.shutdown_grace_seconds / 2)
+        await queue.drain(service.drain_time_left())
         await session["http"].close()
         if claimed:  # claimed at intake but never started: due again now, not when leases end
-            await service.pool.execute(
-                "UPDATE dispatches SET status = 'pending', attempts = attempts - 1,"
-                " lease_until = NULL, updated_at = now()"
-                " WHERE request_id = ANY($1::text[]) AND status = 'dispatching'",
-                [r["request_id"] for r in claimed],
+            await service.pool.executemany(
+                HAND_BACK, [(r["request_id"], r["attempts"]) for r in claimed]
             )
             claimed.clear()
 

@@ -37,8 +37,10 @@ class IncompleteHistory(Exception):
 class Replay:
     """Applies every topic of the projection, from the beginning, into the rebuild schema."""
 
-    def __init__(self, settings: Settings, pool: Any, producer: Any) -> None:
-        self.settings = settings
+    def __init__(
+        self, settings: Settings, pool: Any, producer: Any, *, partial: bool = False
+    ) -> None:
+        self.settings, self.partial = settings, partial
         self.appliers = {
             settings.topic(h.topic): BatchApplier(h, pool, settings, "projection", producer)
             for h in handler_sets(live=False)
@@ -58,11 +60,12 @@ class Replay:
         self.consumer.assign(self.partitions)
         starts = await self.consumer.beginning_offsets(self.partitions)
         cut = sorted({tp.topic for tp, start in starts.items() if start > 0})
-        if cut:
+        if cut and not self.partial:
             raise IncompleteHistory(
                 f"{', '.join(cut)} no longer hold their whole history (retention removed the "
                 "oldest events): a rebuild would drop every call and delivery older than that "
-                "from the read model. Keep these topics longer (retention.ms) to rebuild."
+                "from the read model. Rebuild from what they hold with --partial, and keep them "
+                "longer (retention.ms) if the read model should outlive it."
             )
         await self.consumer.seek_to_beginning(*self.partitions)
         prefix = self.settings.topic_prefix
@@ -135,7 +138,10 @@ async def _tables(conn: Any, schema: str) -> list[str]:
     return [r["table_name"] for r in rows if r["table_name"] not in KEEP_OUT]
 
 
-async def rebuild(settings: Settings, progress: Progress) -> dict[str, Any]:
+async def rebuild(
+    settings: Settings, progress: Progress, *, partial: bool = False
+) -> dict[str, Any]:
+    """`partial`: rebuild from what the topics still hold, though retention cut their start."""
     started = time.perf_counter()
     admin = await asyncpg.connect(settings.database_url)
     producer = new_producer(settings)
@@ -147,7 +153,7 @@ async def rebuild(settings: Settings, progress: Progress) -> dict[str, Any]:
         await migrate(settings.database_url, REBUILD, "postback_projection")
         pool = await create_pool(settings.database_url, REBUILD)
         deferred = await _drop_secondary_indexes(admin, REBUILD)
-        replay = Replay(settings, pool, producer)
+        replay = Replay(settings, pool, producer, partial=partial)
         await replay.start()
         await replay.until_end(progress)
         for definition in deferred:

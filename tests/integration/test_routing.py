@@ -11,6 +11,7 @@ from postback_libs.events import (
     ApiRegistered,
     CallRequested,
 )
+from postback_libs.follower import TopicFollower
 from postback_routing.app import build as routing
 from tests.helpers import (
     TopicReader,
@@ -100,3 +101,27 @@ async def test_a_suspended_account_is_rejected(settings):
         assert rejected.data["reason"] == "account_suspended"
         assert rejected.data["stage"] == "routing"
         assert not calls.of_type("call.routed", refused.request_id)
+
+
+async def test_calls_naming_no_api_wait_one_catch_up_per_batch_not_one_each(settings, monkeypatch):
+    """Free to send (they are refused before settlement), calls naming no API must not hold a
+    partition for a catch-up of the catalog each."""
+    catch_ups = 0
+    caught_up = TopicFollower.caught_up
+
+    async def counted(self, *args, **kwargs):
+        nonlocal catch_ups
+        catch_ups += 1
+        return await caught_up(self, *args, **kwargs)
+
+    monkeypatch.setattr(TopicFollower, "caught_up", counted)
+    consumer = account_state(roles=["consumer"])
+    await publish(settings, AccountCreated(account=consumer))
+    async with TopicReader(settings, "postback.calls") as calls, running(settings, routing):
+        started = catch_ups  # the followers' own, at start
+        junk = [requested(consumer.account_id, f"no-such-api-{i}") for i in range(40)]
+        await publish(settings, *junk)
+        await events_of(calls, "call.rejected", n=40)
+        assert {e.data["reason"] for e in calls.of_type("call.rejected")} == {"unknown_api"}
+        # One per batch the calls came in (a few at most), not forty.
+        assert catch_ups - started <= 8

@@ -92,12 +92,17 @@ def build(settings: Settings) -> Service:
         api = catalog.find(req.api)
         consumer = catalog.accounts.get(req.consumer_id)
         # A call may arrive before routing has read the catalog or account write that came
-        # just before it: catch up before refusing.
-        if api is None:
+        # just before it: catch up before refusing. Once per batch: every write that came
+        # before one of its calls is read by then, and a batch of calls naming no API at all
+        # must not wait a catch-up each.
+        followed = uow.scratch.setdefault("caught_up", set())
+        if api is None and "apis" not in followed:
             await apis.caught_up()
+            followed.add("apis")
             api = catalog.find(req.api)
-        if consumer is None:
+        if consumer is None and "accounts" not in followed:
             await accounts.caught_up()
+            followed.add("accounts")
             consumer = catalog.accounts.get(req.consumer_id)
         now = datetime.now(UTC)
         decision = route(

@@ -194,20 +194,21 @@ class Service:
         self._drain_deadline = (
             asyncio.get_running_loop().time() + self.settings.shutdown_grace_seconds / 2
         )
-        left = self.drain_time_left
 
         for applier in self.appliers:
             applier.stopping = True
         # Each group finishes the batch in hand and commits it before it leaves.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(
-                asyncio.gather(*(sub.stop() for sub in self.subscriptions)), left()
+                asyncio.gather(*(sub.stop() for sub in self.subscriptions)), self.drain_time_left()
             )
         for fn in self._on_stop:
             await fn()
         workers = [t for t in self._tasks if t.get_name() != "outbox-relay"]
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*workers, return_exceptions=True), left())
+            await asyncio.wait_for(
+                asyncio.gather(*workers, return_exceptions=True), self.drain_time_left()
+            )
         for t in workers:
             t.cancel()
         if self.relay is not None:
@@ -215,7 +216,8 @@ class Service:
             relay_task = [t for t in self._tasks if t.get_name() == "outbox-relay"]
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
-                    asyncio.gather(*relay_task, return_exceptions=True), left(at_least=2.0)
+                    asyncio.gather(*relay_task, return_exceptions=True),
+                    self.drain_time_left(at_least=2.0),
                 )
         self._tasks.clear()
         if self.producer is not None:

@@ -42,6 +42,7 @@ from postback_libs.telemetry import span_from
 log = get_logger(__name__)
 
 Handler = Callable[[CloudEvent, Any, UnitOfWork], Awaitable[None]]
+Observer = Callable[[CloudEvent, Any], None]
 BatchHook = Callable[[UnitOfWork], Awaitable[None]]
 
 
@@ -78,6 +79,7 @@ class Handlers:
         self.background, self.remember_forever = background, remember_forever
         self.typed, self.idempotent, self.max_records = typed, idempotent, max_records
         self.by_type: dict[str, Handler] = {}
+        self.observers: dict[str, Observer] = {}
         self.before_batch, self.after_batch = before_batch, after_batch
         # For work that must see the batch's rows: a wake-up sent before the commit is missed.
         self.after_commit = after_commit
@@ -86,6 +88,20 @@ class Handlers:
         def register(fn: Handler) -> Handler:
             for model in models:
                 self.by_type[model.event_type] = fn
+            return fn
+
+        return register
+
+    def observe(self, *models: type[EventData]) -> Callable[[Observer], Observer]:
+        """For state kept in memory only: `fn(event, payload)` is called as each event is
+        fetched, outside any transaction and without an inbox, so an event that changes
+        nothing durable costs no transaction. It sees an event again when its batch is fetched
+        again (a failed write, a rebalance, a restart), and must tolerate that."""
+
+        def register(fn: Observer) -> Observer:
+            for model in models:
+                assert model.event_type not in self.by_type, f"{model.event_type} is handled"
+                self.observers[model.event_type] = fn
             return fn
 
         return register
@@ -138,7 +154,7 @@ class BatchApplier:
         self.handlers, self.pool, self.settings = handlers, pool, settings
         self.source, self.producer, self.on_commit = source, producer, on_commit
         self.group = handlers.group
-        self._wanted = {t.encode() for t in handlers.by_type}
+        self._wanted = {t.encode() for t in (*handlers.by_type, *handlers.observers)}
         self._group_bytes = self.group.encode()
         self.stopping = False
         self.events_behind = 0
@@ -155,6 +171,7 @@ class BatchApplier:
         """The records this group handles, as events; an undecodable one goes to the DLQ."""
         decoded: list[Decoded] = []
         ignored: Counter[str] = Counter()  # counted per batch: most records are someone else's
+        observed: Counter[str] = Counter()
         for record in records:
             ce_type = _header(record, "ce_type")
             if ce_type is not None and ce_type not in self._wanted:
@@ -166,6 +183,11 @@ class BatchApplier:
                 continue
             try:
                 event = CloudEvent.from_bytes(record.value or b"")
+                observer = self.handlers.observers.get(event.type)
+                if observer is not None:
+                    observer(event, event.payload())
+                    observed[event.type] += 1
+                    continue
                 if event.type not in self.handlers.by_type:
                     ignored[event.type] += 1
                     continue
@@ -175,6 +197,8 @@ class BatchApplier:
                 await self.dead_letter(record, f"undecodable event: {e}", attempts=1)
         for type_, n in ignored.items():
             EVENTS_CONSUMED.labels(self.group, type_, "ignored").inc(n)
+        for type_, n in observed.items():
+            EVENTS_CONSUMED.labels(self.group, type_, "applied").inc(n)
         return decoded
 
     async def write(self, decoded: list[Decoded]) -> None:

@@ -9,15 +9,21 @@ from postback_libs.events import (
     AccountCreated,
     AccountSuspended,
     ApiRegistered,
+    CallCompleted,
+    CallFailed,
     CallRequested,
+    CloudEvent,
 )
 from postback_libs.follower import TopicFollower
+from postback_libs.metrics import EVENTS_CONSUMED
 from postback_routing.app import build as routing
 from tests.helpers import (
     TopicReader,
     account_state,
     api_state,
     events_of,
+    eventually,
+    fetch,
     publish,
     running,
     uid,
@@ -125,3 +131,48 @@ async def test_calls_naming_no_api_wait_one_catch_up_per_batch_not_one_each(sett
         assert {e.data["reason"] for e in calls.of_type("call.rejected")} == {"unknown_api"}
         # One per batch the calls came in (a few at most), not forty.
         assert catch_ups - started <= 8
+
+
+async def test_an_upstream_failing_three_times_in_a_row_is_skipped_until_it_succeeds(settings):
+    """Owner outcomes on the calls topic tell routing which upstream is failing; they change
+    nothing durable, so they are observed as they are fetched, outside any transaction."""
+    a, b = "http://127.0.0.1:9/a", "http://127.0.0.1:9/b"
+    api = api_state(endpoint=a, endpoints=[b])
+    consumer = account_state()
+    await publish(settings, ApiRegistered(api=api), AccountCreated(account=consumer))
+
+    def observed(type_: str) -> float:
+        return EVENTS_CONSUMED.labels("routing", type_, "applied")._value.get()
+
+    async def outcomes(*items: CallFailed | CallCompleted) -> list[CloudEvent]:
+        before = observed(items[0].event_type)
+        published = await publish(settings, *items)
+        await eventually(lambda: observed(items[0].event_type) >= before + len(items))
+        return published
+
+    async def upstreams(n: int) -> set[str]:
+        reqs = [requested(consumer.account_id, api.slug) for _ in range(n)]
+        await publish(settings, *reqs)
+        return {
+            (await events_of(calls, "call.routed", r.request_id))[0].data["upstream_url"]
+            for r in reqs
+        }
+
+    async with (
+        TopicReader(settings, "postback.calls") as calls,
+        running(settings, routing) as [service],
+    ):
+        assert await upstreams(12) == {a, b}  # spread by request id
+        failed = await outcomes(
+            *(
+                CallFailed(request_id=uid("req"), reason="owner_unreachable", upstream_url=a)
+                for _ in range(3)
+            )
+        )
+        assert await upstreams(12) == {b}
+        await outcomes(CallCompleted(request_id=uid("req"), via="response", upstream_url=a))
+        assert await upstreams(12) == {a, b}
+        recorded = await fetch(
+            service, "SELECT 1 FROM inbox WHERE event_id = ANY($1::text[])", [e.id for e in failed]
+        )
+    assert recorded == []  # no transaction, no inbox row

@@ -115,10 +115,9 @@ def build(settings: Settings) -> Service:
         )
         decided(uow).append(Decided(event, req, api, decision, current_traceparent()))
 
-    @handlers.on(CallCompleted, CallFailed)
-    async def note_upstream_health(
-        event: CloudEvent, outcome: CallCompleted | CallFailed, uow: UnitOfWork
-    ) -> None:
+    # Kept in memory only: an outcome costs no transaction.
+    @handlers.observe(CallCompleted, CallFailed)
+    def note_upstream_health(event: CloudEvent, outcome: CallCompleted | CallFailed) -> None:
         if outcome.upstream_url is None:
             return
         failed = isinstance(outcome, CallFailed) and outcome.reason in UNHEALTHY_OUTCOMES

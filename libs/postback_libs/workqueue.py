@@ -16,6 +16,25 @@ from postback_libs.logging import get_logger
 
 log = get_logger(__name__)
 
+# A claimed row's lease holds, beyond its request's timeout: up to CLAIM_WAIT_SECONDS waiting
+# for a worker (a claim that waited longer is handed back unsent), the outcome's recording
+# (the recorder's next batch, or its retries if the database blinks) and slack for the two
+# clocks compared, the database's lease and the process's timers. Run out mid-request, the row
+# would be claimed again elsewhere and its request made twice at once.
+CLAIM_WAIT_SECONDS = 8.0
+RECORDING_SECONDS = 10.0
+LEASE_MARGIN_SECONDS = 2.0
+
+
+def lease_for(request_seconds: float) -> float:
+    """The lease a claim takes for a request that may last `request_seconds`."""
+    return request_seconds + CLAIM_WAIT_SECONDS + RECORDING_SECONDS + LEASE_MARGIN_SECONDS
+
+
+def fits_lease(lease_left: float, request_seconds: float) -> bool:
+    """Whether a request started now, and its outcome's recording, end before the lease does."""
+    return request_seconds + RECORDING_SECONDS + LEASE_MARGIN_SECONDS < lease_left
+
 
 class WorkQueue:
     def __init__(

@@ -19,6 +19,7 @@ from postback_libs.events import DeliveryFailed, EndpointState
 from postback_libs.ids import derived_id
 from postback_libs.outbox import UnitOfWork
 from postback_libs.settings import Settings
+from postback_libs.workqueue import fits_lease, lease_for
 
 # Due messages, oldest due first, skipping endpoints that cannot take work now. Locked rows
 # belong to another replica's claim and are skipped, never waited for.
@@ -67,12 +68,6 @@ UPDATE deliveries d SET status = 'pending', attempts = d.attempts - 1, lease_unt
 FROM unnest($1::text[], $2::int[]) AS u(id, attempts)
 WHERE d.delivery_id = u.id AND d.status = 'delivering' AND d.attempts = u.attempts
 """
-LEASE_MARGIN_SECONDS = 2.0  # clock and scheduling slack between the lease and an attempt
-# What an attempt's lease keeps after its request has timed out at worst: the outcome waits for
-# the recorder's next batch (or its retries, if the database blinks) and must still find the
-# claim its own, not reaped and sent again.
-RECORDING_SECONDS = 10.0
-CLAIM_WAIT_SECONDS = 8.0  # how long a claim may wait for a worker, slack included
 BUSY_HOLD_SECONDS = 30.0  # a held message is due anyway after this, should no release come
 OFF_RECHECK_SECONDS = 60.0
 
@@ -113,8 +108,7 @@ def health_of(row: Any) -> Health:
 class Queue:
     def __init__(self, pool: Any, settings: Settings) -> None:
         self.pool, self.settings = pool, settings
-        # An attempt starts within CLAIM_WAIT_SECONDS of its claim or is handed back (can_start).
-        self.lease = settings.delivery_timeout_seconds + CLAIM_WAIT_SECONDS + RECORDING_SECONDS
+        self.lease = lease_for(settings.delivery_timeout_seconds)
         self._states: dict[tuple[str, int], EndpointState] = {}
 
     def _state(self, row: Any) -> EndpointState:
@@ -228,8 +222,7 @@ class Queue:
         runs out. A claim that waited longer behind slow endpoints must not be sent: its row
         may be due again and claimed elsewhere, and the message would go out twice at once."""
         waited = time.monotonic() - claimed.claimed_at
-        ends = waited + self.settings.delivery_timeout_seconds + LEASE_MARGIN_SECONDS
-        return ends + RECORDING_SECONDS < self.lease
+        return fits_lease(self.lease - waited, self.settings.delivery_timeout_seconds)
 
     async def release(self, claims: list[Claimed]) -> None:
         """Hand back claimed rows no attempt was made for: due again at once, their attempt

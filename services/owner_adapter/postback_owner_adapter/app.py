@@ -40,7 +40,7 @@ from postback_libs.outbox import UnitOfWork
 from postback_libs.runtime import Service
 from postback_libs.settings import Settings
 from postback_libs.signing import derive_secret, webhook_headers
-from postback_libs.workqueue import WorkQueue
+from postback_libs.workqueue import WorkQueue, fits_lease, lease_for
 from postback_owner_adapter import domain, intake
 from postback_owner_adapter.outcomes import OutcomeWriter
 
@@ -48,10 +48,6 @@ log = get_logger(__name__)
 OPEN = ("routed", "pending", "dispatching", "accepted")
 USER_AGENT = "Postback/0.1.0"
 DEADLINE_SLACK = timedelta(milliseconds=50)
-# What a claim's lease keeps beyond its request, at worst: the outcome's recording (10 s, as
-# delivery's), and slack for the two clocks compared, the database's lease and this process's.
-RECORDING_SECONDS = 10.0
-LEASE_MARGIN_SECONDS = 2.0
 HAND_BACK = """
 UPDATE dispatches SET status = 'pending', attempts = attempts - 1, lease_until = NULL,
     next_attempt_at = now(), updated_at = now()
@@ -63,8 +59,7 @@ def build(settings: Settings) -> Service:
     service = Service("owner-adapter", "postback_owner_adapter", settings)
     master = settings.secret_key.get_secret_value().encode()
     # A claimed dispatch's lease outlives its request's timeout: only a dead replica loses one.
-    # A claim may wait up to 8 s for a slot (else it is handed back), then its request runs.
-    lease_seconds = settings.owner_timeout_seconds + 8 + RECORDING_SECONDS + LEASE_MARGIN_SECONDS
+    lease_seconds = lease_for(settings.owner_timeout_seconds)
     handlers = Handlers("owner-adapter", CALLS.name)
     session: dict[str, aiohttp.ClientSession] = {}
 
@@ -140,8 +135,7 @@ def build(settings: Settings) -> Service:
         total = max(
             0.1, min(settings.owner_timeout_seconds, (row["deadline"] - now).total_seconds())
         )
-        headroom = total + RECORDING_SECONDS + LEASE_MARGIN_SECONDS
-        if (row["lease_until"] - now).total_seconds() < headroom:
+        if not fits_lease((row["lease_until"] - now).total_seconds(), total):
             # It waited for a slot so long that its lease could run out mid-request, and
             # another replica forward it too: handed back instead, due again at once.
             await hand_back(rid, attempt)

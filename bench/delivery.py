@@ -40,6 +40,7 @@ import asyncpg
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
 
+from bench.infra import SECRET_KEY
 from postback.embedded import free_port
 from postback_libs.events import (
     CallCompleted,
@@ -433,6 +434,7 @@ async def _main(messages: int, durable: bool, send_stage_only: bool) -> dict[str
                 database_url=pg.dsn("bench"),
                 topic_prefix="bench.",
                 kafka_session_timeout_ms=2000,
+                secret_key=SECRET_KEY,
             )
             return await run(
                 settings, messages, root / "delivery.log", send_stage_only=send_stage_only

@@ -33,7 +33,7 @@ from postback_libs.settings import SERVICES, Settings
 
 # A throwaway stack on loopback, gone at the end of the run.
 OPERATOR_TOKEN = "bench-operator-token"  # noqa: S105
-SECRET_KEY = "bench-secret-key"  # noqa: S105
+SECRET_KEY = "bench-secret-key-of-at-least-32-characters"  # noqa: S105
 # Up to 4 instances of one service plus the other five, each with a pool of 10 and a relay
 # connection, plus the harness's own: more than PostgreSQL's default of 100.
 MAX_CONNECTIONS = 300

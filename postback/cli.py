@@ -246,4 +246,19 @@ def schemas(
 
 
 def main() -> None:
-    app()
+    from pydantic import ValidationError
+
+    from postback_libs.settings import ConfigurationError
+
+    try:
+        app()
+    except ValidationError as e:
+        if e.title != "Settings":
+            raise
+        for error in e.errors():
+            name = "POSTBACK_" + "_".join(str(part) for part in error["loc"]).upper()
+            typer.echo(f"invalid configuration: {name}: {error['msg']}", err=True)
+        sys.exit(2)
+    except ConfigurationError as e:
+        typer.echo(f"invalid configuration: {e}", err=True)
+        sys.exit(2)

@@ -45,7 +45,7 @@ async def settings(infra: tuple[EmbeddedPostgres, EmbeddedKafka]) -> AsyncIterat
         topic_prefix=f"{name}.",
         topic_partitions=3,
         operator_token="test-operator-token",  # type: ignore[arg-type]
-        secret_key="test-secret-key",  # type: ignore[arg-type]
+        secret_key="test-secret-key-of-at-least-32-characters",  # type: ignore[arg-type]
         allowed_networks="127.0.0.0/8",
         retry_schedule="0,0.2,0.4,0.8",
         owner_timeout_seconds=5,

@@ -25,6 +25,14 @@ DEFAULT_PORTS: dict[str, int] = {
 }
 
 
+# The master key's shortest length: every signing secret and token derives from it.
+MIN_SECRET_KEY_CHARS = 32
+
+
+class ConfigurationError(ValueError):
+    """A setting a command needs is missing or unusable; the message says what to set."""
+
+
 # The longest wait between two webhook attempts a schedule may ask for (the default's longest is
 # 10 h): a longer one would mean a message nobody hears of for weeks.
 MAX_RETRY_DELAY_SECONDS = 7 * 86400
@@ -66,8 +74,12 @@ class Settings(BaseSettings):
         SecretStr(""), description="Token for operator actions; empty disables them."
     )
     secret_key: SecretStr = Field(
-        SecretStr("dev-only-insecure-key-change-me"),
-        description="Master key from which webhook and API signing secrets are derived.",
+        SecretStr(""),
+        description=(
+            "Master key from which webhook and API signing secrets and callback tokens are "
+            f"derived; at least {MIN_SECRET_KEY_CHARS} characters, required by the services "
+            "that sign (ingress, owner-adapter, delivery)."
+        ),
     )
 
     # Consumers
@@ -200,6 +212,19 @@ class Settings(BaseSettings):
             for s in self.allowed_networks.split(",")
             if s.strip()
         ]
+
+    def master_key(self) -> bytes:
+        """The key signing secrets and callback tokens derive from. There is no default: a
+        key known to anyone would let anyone sign as Postback."""
+        key = self.secret_key.get_secret_value()
+        if len(key) < MIN_SECRET_KEY_CHARS:
+            raise ConfigurationError(
+                f"POSTBACK_SECRET_KEY must be set, at least {MIN_SECRET_KEY_CHARS} characters: "
+                "every API's signing secret, webhook secret and callback token derives from it. "
+                "Generate one (`openssl rand -base64 48`) and keep it: changing it changes them "
+                "all."
+            )
+        return key.encode()
 
     def port_for(self, service: str) -> int:
         return self.http_port or DEFAULT_PORTS[service]

@@ -39,7 +39,7 @@ OUTCOMES = {"call.completed", "call.failed", "call.timed_out"}
 
 
 def master(settings) -> bytes:
-    return settings.secret_key.get_secret_value().encode()
+    return settings.master_key()
 
 
 async def route_and_authorize(settings, upstream_url: str, **over):

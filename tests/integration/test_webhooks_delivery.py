@@ -115,9 +115,7 @@ async def test_outcomes_fan_out_to_every_subscribed_endpoint_signed(settings):
 
         # The call's own webhook_url is signed with the consumer's secret, each endpoint with
         # its own; two verifiers nobody here wrote accept them.
-        consumer_secret = derive_secret(
-            settings.secret_key.get_secret_value().encode(), "consumer", consumer
-        )
+        consumer_secret = derive_secret(settings.master_key(), "consumer", consumer)
         for receiver, secret in (
             (call_hook, consumer_secret),
             (everything, secret_of(settings, all_calls)),
@@ -147,7 +145,7 @@ async def test_outcomes_fan_out_to_every_subscribed_endpoint_signed(settings):
 
 async def test_ed25519_signing_and_a_rotation_overlap(settings):
     consumer = uid("acc")
-    master = settings.secret_key.get_secret_value().encode()
+    master = settings.master_key()
     async with (
         Receiver() as signed_asym,
         Receiver() as rotating,

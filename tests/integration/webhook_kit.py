@@ -42,7 +42,7 @@ def endpoint(url: str, account_id: str | None = None, **over: Any) -> EndpointSt
 
 
 def secret_of(settings: Settings, state: EndpointState, version: int | None = None) -> str:
-    master = settings.secret_key.get_secret_value().encode()
+    master = settings.master_key()
     return endpoint_secret(master, state.endpoint_id, version or state.secret_version)
 
 

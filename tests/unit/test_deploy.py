@@ -50,6 +50,18 @@ def _mk_variable(name: str) -> str:
     return match.group(1)
 
 
+# The chart refuses to render without a master key; the default render names a secret.
+DEFAULT_SECRET = f"secrets.existingSecret={_mk_variable('DEFAULT_SECRET')}"
+
+
+# The compose file requires a master key; any will do to check it.
+COMPOSE_ENV = {
+    **os.environ,
+    "COMPOSE_PROJECT_NAME": "postback",
+    "POSTBACK_SECRET_KEY": "compose-config-check-not-a-real-key",
+}
+
+
 def _load_all(path: Path) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
 
@@ -344,7 +356,7 @@ def test_strimzi_topics_match_the_application_topic_table() -> None:
 @needs_helm
 @pytest.mark.parametrize(
     ("rendered", "extra"),
-    [("default", ()), ("production", ("-f", str(PRODUCTION_VALUES)))],
+    [("default", ("--set", DEFAULT_SECRET)), ("production", ("-f", str(PRODUCTION_VALUES)))],
 )
 def test_rendered_manifests_are_not_stale(rendered: str, extra: tuple[str, ...]) -> None:
     fresh = _helm_template(*extra)
@@ -361,11 +373,13 @@ def test_rendered_manifests_are_not_stale(rendered: str, extra: tuple[str, ...])
         ("config.shutdownGraceSecond=5", "shutdownGraceSecond"),
         ("services.routing.replicas=-1", "/services/routing/replicas"),
         ("services.delivery.autoscaling.maxReplicas=13", "cannot use more members than partitions"),
+        ("secrets.existingSecret=", "set secrets.existingSecret"),
+        ("secrets.existingSecret=,secrets.secretKey=short", "at least 32 characters"),
     ],
 )
 def test_bad_values_fail_with_a_clear_message(override: str, message: str) -> None:
     result = subprocess.run(
-        [str(HELM), "template", "x", str(CHART), "--set", override],
+        [str(HELM), "template", "x", str(CHART), "--set", DEFAULT_SECRET, "--set", override],
         capture_output=True,
         text=True,
         timeout=120,
@@ -386,7 +400,7 @@ def test_docker_compose_config_is_valid(profile: tuple[str, ...]) -> None:
         text=True,
         cwd=ROOT,
         timeout=120,
-        env={**os.environ, "COMPOSE_PROJECT_NAME": "postback"},
+        env=COMPOSE_ENV,
     )
     assert result.returncode == 0, result.stderr
 
@@ -400,6 +414,7 @@ def test_observability_profile_adds_collector_jaeger_prometheus() -> None:
             text=True,
             cwd=ROOT,
             timeout=120,
+            env=COMPOSE_ENV,
         )
         assert result.returncode == 0, result.stderr
         return set(result.stdout.split())
@@ -485,3 +500,58 @@ def test_dockerfile_copies_every_workspace_member_manifest() -> None:
 def test_dockerignore_keeps_the_context_small() -> None:
     ignored = set((ROOT / ".dockerignore").read_text().split())
     assert {".git", ".venv", "tools", "tests"} <= ignored
+
+
+@needs_compose
+def test_compose_refuses_to_start_without_a_master_key() -> None:
+    result = subprocess.run(
+        [str(COMPOSE), "-f", str(COMPOSE_FILE), "config", "--quiet"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        env={k: v for k, v in COMPOSE_ENV.items() if k != "POSTBACK_SECRET_KEY"},
+    )
+    assert result.returncode != 0
+    assert "set POSTBACK_SECRET_KEY" in result.stderr
+
+
+@needs_helm
+def test_keda_scales_on_the_group_id_the_service_joins() -> None:
+    """A service's group id starts with the topic prefix (postback_libs.subscription)."""
+    docs = [
+        d
+        for d in yaml.safe_load_all(
+            _helm_template(
+                "--set",
+                DEFAULT_SECRET,
+                "--set",
+                "keda.enabled=true",
+                "--set",
+                "kafka.topicPrefix=staging.",
+            )
+        )
+        if d
+    ]
+    groups = {
+        _component(s): t["metadata"]["consumerGroup"]
+        for s in _of_kind(docs, "ScaledObject")
+        for t in s["spec"]["triggers"]
+        if t["type"] == "kafka"
+    }
+    assert groups
+    assert all(g == f"staging.postback-{service}" for service, g in groups.items()), groups
+
+
+def test_network_policies_let_helm_test_reach_every_service() -> None:
+    policies = {
+        p["metadata"]["name"].removeprefix("postback-"): p
+        for p in _of_kind(_rendered("production"), "NetworkPolicy")
+    }
+    for service in SERVICES:
+        components = [
+            source.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component")
+            for rule in policies[service]["spec"]["ingress"]
+            for source in rule.get("from", [])
+        ]
+        assert "test" in components, service

@@ -1,9 +1,18 @@
 """The settings model refuses what would break a service later, with a message naming the fix."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 from pydantic import ValidationError
 
-from postback_libs.settings import MAX_RETRY_DELAY_SECONDS, Settings
+from postback_libs.settings import (
+    MAX_RETRY_DELAY_SECONDS,
+    MIN_SECRET_KEY_CHARS,
+    ConfigurationError,
+    Settings,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -17,3 +26,33 @@ def test_a_retry_schedule_of_seconds_within_bounds_is_taken():
 def test_a_retry_schedule_out_of_bounds_is_refused(schedule):
     with pytest.raises(ValidationError, match="retry_schedule"):
         Settings(retry_schedule=schedule)
+
+
+def test_there_is_no_default_master_key() -> None:
+    """A key everyone knows would let anyone sign requests and callbacks as Postback."""
+    for key in ("", "x" * (MIN_SECRET_KEY_CHARS - 1)):
+        with pytest.raises(ConfigurationError, match="POSTBACK_SECRET_KEY"):
+            Settings(secret_key=key).master_key()  # type: ignore[arg-type]
+    key = "k" * MIN_SECRET_KEY_CHARS
+    assert Settings(secret_key=key).master_key() == key.encode()  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        ({"POSTBACK_HTTP_PORT": "eighty"}, "POSTBACK_HTTP_PORT: Input should be a valid integer"),
+        ({"POSTBACK_SECRET_KEY": "short"}, "POSTBACK_SECRET_KEY must be set"),
+    ],
+)
+def test_a_service_with_bad_configuration_says_what_to_fix(env: dict[str, str], says: str) -> None:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("POSTBACK_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "postback", "run", "ingress"],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert f"invalid configuration: {says}" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -49,7 +49,7 @@ class Sender:
     """One attempt: sign with every valid secret of the destination, post, judge the answer."""
 
     def __init__(self, settings: Settings, session: Callable[[], aiohttp.ClientSession]) -> None:
-        self.master = settings.secret_key.get_secret_value().encode()
+        self.master = settings.master_key()
         self.default = RetryPolicy(tuple(settings.retry_delays))
         self.session = session
         self.rng = random.Random()

@@ -45,7 +45,7 @@ def new_key() -> tuple[str, str, str]:
 def router(service: Service) -> APIRouter:
     api = APIRouter()
     settings = service.settings
-    master = settings.secret_key.get_secret_value().encode()
+    master = settings.master_key()
 
     def operator(request: Request) -> None:
         require_operator(request, settings.operator_token.get_secret_value())

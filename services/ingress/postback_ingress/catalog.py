@@ -29,7 +29,7 @@ def public_view(state: dict[str, Any]) -> dict[str, Any]:
 
 def router(service: Service) -> APIRouter:
     api = APIRouter(tags=["catalog"])
-    master = service.settings.secret_key.get_secret_value().encode()
+    master = service.settings.master_key()
 
     async def owned(ref: str, caller: Caller) -> ApiState:
         row = await service.pool.fetchrow(

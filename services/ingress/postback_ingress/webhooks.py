@@ -157,7 +157,7 @@ def _check_url(url: str, policy: AddressPolicy) -> None:
 def router(service: Service) -> APIRouter:
     api = APIRouter(tags=["webhooks"])
     settings = service.settings
-    master = settings.secret_key.get_secret_value().encode()
+    master = settings.master_key()
     guard = AddressPolicy(settings.allowed_network_list)
     http: dict[str, aiohttp.ClientSession] = {}
 

@@ -57,7 +57,7 @@ WHERE request_id = $1 AND status = 'dispatching' AND attempts = $2
 
 def build(settings: Settings) -> Service:
     service = Service("owner-adapter", "postback_owner_adapter", settings)
-    master = settings.secret_key.get_secret_value().encode()
+    master = settings.master_key()
     # A claimed dispatch's lease outlives its request's timeout: only a dead replica loses one.
     lease_seconds = lease_for(settings.owner_timeout_seconds)
     handlers = Handlers("owner-adapter", CALLS.name)

@@ -249,6 +249,12 @@ true
 {{- if and .Values.secrets.existingSecret (or .Values.secrets.operatorToken .Values.secrets.secretKey .Values.secrets.databasePassword) -}}
 {{- fail "secrets: give either secrets.existingSecret or the secret values, not both" -}}
 {{- end -}}
+{{- if not (or .Values.secrets.existingSecret .Values.secrets.secretKey) -}}
+{{- fail "secrets: set secrets.existingSecret (a Secret holding the master key under secrets.secretKeyKey) or secrets.secretKey. Every signing secret and callback token derives from that key, and the services refuse to start without one: generate it with `openssl rand -base64 48` and keep it." -}}
+{{- end -}}
+{{- if and .Values.secrets.secretKey (lt (len .Values.secrets.secretKey) 32) -}}
+{{- fail "secrets.secretKey: at least 32 characters (`openssl rand -base64 48`)" -}}
+{{- end -}}
 {{- end -}}
 
 {{/* A hook Job running one `postback` command: (dict "root" $ "component" "migrate"

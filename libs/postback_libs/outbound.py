@@ -21,6 +21,7 @@ import socket
 import ssl
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -119,6 +120,16 @@ class AddressPolicy:
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             candidates.append(ip.ipv4_mapped)
         return any(c in net for net in self._allowed for c in candidates)
+
+    def refuses_url(self, url: str) -> str | None:
+        """The host of a URL whose literal IP address this policy refuses, else None. Names
+        pass: they are checked on the address they resolve to at each request."""
+        host = urlsplit(url).hostname or ""
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return None
+        return None if self.allows(ip) else host
 
     def allows_host(self, host: str) -> bool:
         """`allows` for a numeric host string as sockets report it; anything else is refused."""
@@ -243,6 +254,23 @@ def _is_blocked(exc: BaseException) -> bool:
             pending.append(current.os_error)
         pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
     return False
+
+
+# What each kind of failure means, for people who must not see the address it concerned.
+FAILURES: dict[str, str] = {
+    "blocked_address": "the address is not one Postback may reach",
+    "tls": "the TLS handshake failed",
+    "dns": "the host name did not resolve",
+    "timeout": "no answer in time",
+    "connect": "the connection failed or was closed",
+    "other": "the request failed",
+}
+
+
+def describe_failure(exc: BaseException) -> str:
+    """`kind: meaning`, without the exception's text: that names hosts, ports and addresses."""
+    kind = classify_error(exc)
+    return f"{kind}: {FAILURES[kind]}"
 
 
 def classify_error(exc: BaseException) -> ErrorKind:

@@ -136,6 +136,10 @@ async def test_calls_are_routed_settled_and_delivered_signed(settings):
         owners_view = (await http.get(f"/v1/calls/{some}", headers=bearer(owner))).json()
         routed = next(s for s in owners_view["timeline"] if s["type"] == "call.routed")
         assert routed["data"]["upstream_url"].startswith("http")
+        # And where the consumer's webhooks go (a URL that may carry its token) is its own.
+        requested = [s["data"] for s in view["timeline"] if s["type"] == "call.requested"]
+        assert requested[0]["webhook_url"].startswith("http")
+        assert not any("webhook_url" in step["data"] for step in owners_view["timeline"])
         # 20 completed calls at PRICE each; the default fee is 10 %.
         await eventually(lambda: _has(http, consumer, 1000 - 20 * PRICE), what="debits")
         assert await balance(http, owner, "owner") == 20 * (PRICE - PRICE // 10)

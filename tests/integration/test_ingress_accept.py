@@ -219,3 +219,27 @@ async def test_the_direct_path_answers_as_the_documented_route(settings):
         assert (await http.get("/v1/calls")).status_code == 401
         assert (await http.put("/v1/calls", json={"api": "svc"}, headers=who)).status_code == 405
         assert len(await _calls(settings)) == 1
+
+
+async def test_a_webhook_url_no_attempt_may_reach_is_refused_before_any_charge(settings):
+    async with running(settings, ingress) as (svc,):
+        http = client(svc)
+        who = bearer(await create_account(http, ["consumer"]))
+        for url in ("http://10.0.0.1/hook", "http://169.254.169.254/", "http://[::ffff:10.0.0.1]/"):
+            answers = [
+                await http.post("/v1/calls", headers=who, json={"api": "svc", "webhook_url": url}),
+                await http.post(
+                    "/internal/call",
+                    headers=who,
+                    json={"api_id_public": "svc", "params": {"webhook_url": url}},
+                ),
+                await http.post("/api/demo/api/svc", headers=who, json={"webhook_url": url}),
+            ]
+            for r in answers:
+                assert r.status_code == 422, (url, r.text)
+                assert r.json()["type"] == "urn:postback:problem:url-not-allowed"
+        assert await _calls(settings) == []
+        # Names are checked on what they resolve to at each attempt; allowed networks pass.
+        for url in ("https://hooks.example.com/in", "http://127.0.0.1:9/hook"):
+            r = await http.post("/v1/calls", headers=who, json={"api": "svc", "webhook_url": url})
+            assert r.status_code == 202, r.text

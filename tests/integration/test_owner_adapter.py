@@ -15,6 +15,7 @@ import httpx
 from aiohttp import web
 from standardwebhooks.webhooks import Webhook
 
+from postback.embedded import free_port
 from postback_libs.events import CallAuthorized
 from postback_libs.signing import derive_secret
 from postback_owner_adapter.app import build as owner_adapter
@@ -159,6 +160,17 @@ async def test_an_owner_that_keeps_failing_is_retried_then_the_call_fails(settin
         assert attempts == list(range(1, settings.owner_max_attempts + 1))
         assert len(owner.received) == settings.owner_max_attempts
         assert not calls.of_type("call.completed", rid)
+
+
+async def test_an_unreachable_owner_fails_the_call_without_naming_its_address(settings):
+    """The consumer reads the failure's detail: it says what went wrong, not where."""
+    port = free_port()  # nothing listens there
+    async with TopicReader(settings, "postback.calls") as calls, running(settings, owner_adapter):
+        routed = await route_and_authorize(settings, f"http://127.0.0.1:{port}/hidden-upstream")
+        [failed] = await events_of(calls, "call.failed", routed.request_id, timeout=20)
+    assert failed.data["reason"] == "owner_unreachable"
+    assert failed.data["detail"] == "connect: the connection failed or was closed"
+    assert str(port) not in json.dumps(failed.data["detail"])
 
 
 async def test_an_async_owner_that_never_calls_back_times_out_and_a_late_callback_is_refused(

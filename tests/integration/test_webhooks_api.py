@@ -100,6 +100,23 @@ async def test_endpoint_crud_is_owned_by_the_account_and_errors_are_problems(set
         assert patched["enabled"] is False and patched["rate_limit_per_second"] is None
         assert patched["description"] == "paused" and patched["fifo"] is True
         assert patched["revision"] == 2
+        assert patched["updated_at"] > created["updated_at"]  # the answer's, not the row read
+        # Only the limits and the retry policy can be cleared; nothing to change, no revision.
+        for field in ("url", "event_types", "enabled", "fifo", "metadata", "description"):
+            body = problem(
+                await http.patch(f"/v1/webhooks/{ep}", headers=bearer(alice), json={field: None}),
+                422,
+                "validation-error",
+            )
+            assert f"{field} cannot be null" in json.dumps(body)
+        r = await http.patch(f"/v1/webhooks/{ep}", headers=bearer(alice), json={})
+        assert r.json()["revision"] == 2
+        r = await http.patch(
+            f"/v1/webhooks/{ep}",
+            headers=bearer(alice),
+            json={"event_types": ["call.completed", "call.failed", "call.completed"]},
+        )
+        assert r.json()["event_types"] == ["call.completed", "call.failed"]
 
         # Bad input: problem+json with a stable type.
         def create(**body):
@@ -230,6 +247,19 @@ async def test_test_message_rotation_and_attempt_log(settings):
         assert oldest["response_headers"]["X-Seen"] == "1"
         await asyncio.sleep(0.5)
         assert len(hooks.received) == 2
+
+        # A rotation with no overlap (a leaked secret) revokes every older secret at once,
+        # the one still in its overlap from the rotation before included.
+        r = await http.post(
+            f"/v1/webhooks/{ep}/rotate-secret", headers=bearer(alice), json={"overlap_seconds": 0}
+        )
+        newest_secret = r.json()["secret"]
+        await http.post(f"/v1/webhooks/{ep}/test", headers=bearer(alice))
+        _, headers, body = hooks.received[2]
+        assert len(headers["webhook-signature"].split()) == 1
+        StandardWebhook(newest_secret).verify(body, headers)
+        got = (await http.get(f"/v1/webhooks/{ep}", headers=bearer(alice))).json()
+        assert got["secret_version"] == 3 and got["secret_rotation_ends_at"] is None
 
         # An unreachable endpoint: the answer says why.
         r = await http.patch(

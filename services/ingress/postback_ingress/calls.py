@@ -18,9 +18,11 @@ from starlette.types import Receive, Scope, Send
 from postback_ingress.auth import Caller, KeyCache
 from postback_ingress.group_commit import CallWriter
 from postback_ingress.models import CallAccepted, CallRequest
+from postback_ingress.webhooks import check_url
 from postback_libs.events import CALLS, CallRequested, Entry, new_event
 from postback_libs.http import App, Problem
 from postback_libs.ids import new_request_id
+from postback_libs.outbound import AddressPolicy
 from postback_libs.runtime import Service
 from postback_libs.telemetry import current_traceparent, span_from
 
@@ -35,6 +37,7 @@ def digest(req: CallRequest) -> str:
 async def accept_call(
     service: Service,
     writer: CallWriter,
+    guard: AddressPolicy,
     caller: Caller,
     req: CallRequest,
     idempotency_key: str | None,
@@ -49,6 +52,9 @@ async def accept_call(
             "Account suspended",
             "this account is suspended and cannot make calls",
         )
+    # A webhook URL no attempt may reach would be charged for, then retried for a day.
+    if req.webhook_url is not None:
+        check_url(str(req.webhook_url), guard)
     # A NUL would fail the whole batch's insert, not just this call (Postgres text refuses it).
     if idempotency_key is not None and not (
         1 <= len(idempotency_key) <= 255 and "\x00" not in idempotency_key
@@ -158,6 +164,7 @@ def install(service: Service) -> None:
     api = APIRouter()
     writer = CallWriter(lambda: service.pool.acquire(), lambda: _wake_relay(service))
     keys = KeyCache()
+    guard = AddressPolicy(service.settings.allowed_network_list)
     limit = service.settings.max_call_bytes
 
     def accepted(request_id: str, body: dict[str, Any], fresh: bool) -> JSONResponse:
@@ -171,7 +178,9 @@ def install(service: Service) -> None:
     async def accept_v1(headers: Mapping[str, str], body: bytes) -> tuple[str, bool]:
         req = _parsed(body)
         caller = await keys.authenticate(service.pool, headers)
-        return await accept_call(service, writer, caller, req, headers.get("idempotency-key"), "v1")
+        return await accept_call(
+            service, writer, guard, caller, req, headers.get("idempotency-key"), "v1"
+        )
 
     @api.post(
         "/v1/calls",
@@ -206,7 +215,7 @@ def install(service: Service) -> None:
             webhook_url=params.get("webhook_url") if isinstance(params, dict) else None,
         )
         rid, fresh = await accept_call(
-            service, writer, caller, req, idempotency_key, "internal_call"
+            service, writer, guard, caller, req, idempotency_key, "internal_call"
         )
         return accepted(rid, {"result": {"requestId": rid}}, fresh)
 
@@ -231,7 +240,9 @@ def install(service: Service) -> None:
             params=body,
             webhook_url=body.get("webhook_url"),
         )
-        rid, fresh = await accept_call(service, writer, caller, req, idempotency_key, "api_path")
+        rid, fresh = await accept_call(
+            service, writer, guard, caller, req, idempotency_key, "api_path"
+        )
         return accepted(rid, {"requestId": rid}, fresh)
 
     service.app.include_router(api)

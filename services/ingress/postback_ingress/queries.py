@@ -21,6 +21,9 @@ DONE_STAGE = 7  # delivered or delivery failed: nothing more will happen to the 
 # What the owner's side of a call's events holds and its consumer is not shown: where the owner's
 # API runs, and the platform's share of the price.
 OWNER_ONLY_FIELDS = frozenset({"upstream_url", "fee_bps", "fee"})
+# And what the consumer's side holds that the owner is not shown: where its webhooks go (a URL
+# that may carry a token of the consumer's).
+CONSUMER_ONLY_FIELDS = frozenset({"webhook_url"})
 
 
 def error_as_problem(error: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -55,8 +58,8 @@ def router(service: Service) -> APIRouter:
     @api.get("/v1/calls/{request_id}", response_model=CallView)
     async def get_call(request_id: str, request: Request) -> JSONResponse:
         """The call's status, its result when done, and the timeline of its events (the owner's
-        upstream URL and the platform fee only for the API's owner). While the call is in
-        progress the answer carries `Retry-After`."""
+        upstream URL and the platform fee only for the API's owner, the webhook URL only for the
+        consumer). While the call is in progress the answer carries `Retry-After`."""
         caller = await authenticate(service.pool, request)
         row = await service.pool.fetchrow(
             "SELECT * FROM projection.calls WHERE request_id = $1"
@@ -89,7 +92,11 @@ def router(service: Service) -> APIRouter:
             ' WHERE request_id = $1 ORDER BY "offset"',
             request_id,
         )
-        hidden = frozenset() if row["owner_id"] == caller.account_id else OWNER_ONLY_FIELDS
+        hidden: frozenset[str] = frozenset()
+        if row["owner_id"] != caller.account_id:
+            hidden |= OWNER_ONLY_FIELDS
+        if row["consumer_id"] != caller.account_id:
+            hidden |= CONSUMER_ONLY_FIELDS
         timeline = []
         for e in events:
             data = {k: v for k, v in json.loads(e["data"]).items() if k not in hidden}

@@ -7,15 +7,13 @@ itself (decision 0007)."""
 
 from __future__ import annotations
 
-import ipaddress
 import json
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 import aiohttp
 from fastapi import APIRouter, Query, Request, Response
-from pydantic import AnyHttpUrl, Field
+from pydantic import AfterValidator, AnyHttpUrl, Field, model_validator
 
 from postback_ingress.auth import Caller, authenticate
 from postback_ingress.models import Input
@@ -63,9 +61,17 @@ class RetryPolicy(Input):
     window_seconds: int | None = Field(None, ge=1, le=30 * 86400)
 
 
+def _unique(patterns: list[str]) -> list[str]:
+    return list(dict.fromkeys(patterns))
+
+
+# Event types an endpoint subscribes to, each once, in the order given.
+EventTypes = Annotated[list[str], AfterValidator(_unique)]
+
+
 class EndpointFields(Input):
     description: str = Field("", max_length=1000)
-    event_types: list[str] = Field(
+    event_types: EventTypes = Field(
         default_factory=lambda: ["call.*"],
         min_length=1,
         max_length=50,
@@ -87,17 +93,25 @@ class EndpointCreate(EndpointFields):
 
 
 class EndpointUpdate(Input):
-    """Fields to change; a field sent as null clears it (rate limit, cap, retry policy)."""
+    """Fields to change; null clears the rate limit, the cap and the retry policy (the other
+    fields can only be changed)."""
 
     url: AnyHttpUrl | None = None
     description: str | None = Field(None, max_length=1000)
-    event_types: list[str] | None = Field(None, min_length=1, max_length=50)
+    event_types: EventTypes | None = Field(None, min_length=1, max_length=50)
     enabled: bool | None = None
     rate_limit_per_second: int | None = Field(None, ge=1, le=10_000)
     max_in_flight: int | None = Field(None, ge=1, le=1000)
     fifo: bool | None = None
     retry_policy: RetryPolicy | None = None
     metadata: dict[str, str] | None = Field(None, max_length=50)
+
+    @model_validator(mode="after")
+    def _kept_fields_stay_set(self) -> EndpointUpdate:
+        for name in ("url", "description", "event_types", "enabled", "fifo", "metadata"):
+            if name in self.model_fields_set and getattr(self, name) is None:
+                raise ValueError(f"{name} cannot be null, only changed")
+        return self
 
 
 class Rotation(Input):
@@ -142,15 +156,10 @@ def _check_event_types(patterns: list[str]) -> None:
         )
 
 
-def _check_url(url: str, policy: AddressPolicy) -> None:
-    """Refuse an IP-literal URL the guard would refuse anyway; names are checked at each send
-    (on the address they resolve to then)."""
-    host = urlsplit(url).hostname or ""
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return
-    if not policy.allows(ip):
+def check_url(url: str, policy: AddressPolicy) -> None:
+    """Refuse an IP-literal URL the guard would refuse at every attempt anyway."""
+    host = policy.refuses_url(url)
+    if host is not None:
         raise Problem(422, "url-not-allowed", "URL not allowed", f"{host} is not a public address")
 
 
@@ -169,15 +178,19 @@ def router(service: Service) -> APIRouter:
     async def load(caller: Caller, endpoint_id: str, conn: Any = None, lock: bool = False) -> Any:
         return await load_endpoint(conn or service.pool, caller, endpoint_id, lock=lock)
 
-    async def save(uow: UnitOfWork, state: EndpointState, change: type[Any], **extra: Any) -> None:
-        await uow.conn.execute(
+    async def save(
+        uow: UnitOfWork, state: EndpointState, change: type[Any], **extra: Any
+    ) -> datetime:
+        """Store and announce the endpoint's new state; returns its `updated_at`."""
+        updated_at: datetime = await uow.conn.fetchval(
             "UPDATE webhook_endpoints SET state = $2, updated_at = now()"
             + (", deleted_at = now()" if change is EndpointDeleted else "")
-            + " WHERE endpoint_id = $1",
+            + " WHERE endpoint_id = $1 RETURNING updated_at",
             state.endpoint_id,
             state.model_dump_json(),
         )
         uow.emit(change(endpoint=state, **extra))
+        return updated_at
 
     @api.get("/v1/webhooks/event-types")
     async def event_types() -> dict[str, Any]:
@@ -189,7 +202,7 @@ def router(service: Service) -> APIRouter:
         """Subscribe an endpoint. The secret (or public key) is shown here and on rotation."""
         caller = await authenticate(service.pool, request)
         _check_event_types(body.event_types)
-        _check_url(str(body.url), guard)
+        check_url(str(body.url), guard)
         fields = body.model_dump(mode="json", exclude={"retry_policy"})
         state = EndpointState(
             endpoint_id=f"ep_{uuid7_hex()}",
@@ -253,12 +266,10 @@ def router(service: Service) -> APIRouter:
     ) -> dict[str, Any]:
         caller = await authenticate(service.pool, request)
         sent = body.model_fields_set
-        if "event_types" in sent:
-            if body.event_types is None:
-                raise Problem(422, "validation-error", "The request is not valid", "event_types")
+        if body.event_types is not None:
             _check_event_types(body.event_types)
         if body.url is not None:
-            _check_url(str(body.url), guard)
+            check_url(str(body.url), guard)
         async with service.unit_of_work() as uow:
             row = await load(caller, endpoint_id, uow.conn, lock=True)
             state = EndpointState.model_validate_json(row["state"])
@@ -271,10 +282,12 @@ def router(service: Service) -> APIRouter:
                 changes |= _policy_fields(body.retry_policy)
             if changes.get("enabled"):
                 changes["disabled_reason"] = None  # enabled again by the account
+            if not changes:  # nothing to change: no new revision, no event
+                return view(state, row)
             state = state.model_copy(update=changes | {"revision": state.revision + 1})
             state = EndpointState.model_validate(state.model_dump())
-            await save(uow, state, EndpointUpdated)
-        return view(state, row)
+            updated_at = await save(uow, state, EndpointUpdated)
+        return view(state, {"created_at": row["created_at"], "updated_at": updated_at})
 
     @api.delete("/v1/webhooks/{endpoint_id}", status_code=204)
     async def delete_endpoint(endpoint_id: str, request: Request) -> Response:
@@ -291,7 +304,8 @@ def router(service: Service) -> APIRouter:
         endpoint_id: str, request: Request, body: Rotation | None = None
     ) -> dict[str, Any]:
         """A new secret version; the old one keeps signing (every message carries both
-        signatures) for the overlap, so receivers can switch without dropping a message."""
+        signatures) for the overlap, so receivers can switch without dropping a message. No
+        older secret signs past the overlap: `overlap_seconds: 0` revokes every one at once."""
         caller = await authenticate(service.pool, request)
         overlap = settings.webhook_secret_overlap_seconds
         if body is not None and body.overlap_seconds is not None:
@@ -301,7 +315,13 @@ def router(service: Service) -> APIRouter:
         async with service.unit_of_work() as uow:
             row = await load(caller, endpoint_id, uow.conn, lock=True)
             old = EndpointState.model_validate_json(row["state"])
-            retired = [r for r in old.retired_secrets if r.valid_until > now]
+            # The overlap bounds every older secret too: rotating with 0 (a leaked secret)
+            # leaves the new one alone, not a version from an earlier rotation still in its own.
+            retired = [
+                r.model_copy(update={"valid_until": min(r.valid_until, until)})
+                for r in old.retired_secrets
+                if min(r.valid_until, until) > now
+            ]
             if overlap > 0:
                 retired.append(RetiredSecret(version=old.secret_version, valid_until=until))
             state = old.model_copy(

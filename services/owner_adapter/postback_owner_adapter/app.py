@@ -35,7 +35,7 @@ from postback_libs.events import (
 )
 from postback_libs.http import Problem
 from postback_libs.logging import get_logger
-from postback_libs.outbound import AddressPolicy, classify_error, guarded_session, read_capped
+from postback_libs.outbound import AddressPolicy, describe_failure, guarded_session, read_capped
 from postback_libs.outbox import UnitOfWork
 from postback_libs.runtime import Service
 from postback_libs.settings import Settings
@@ -156,7 +156,9 @@ def build(settings: Settings) -> Service:
             if service.stopping:  # cut off by our own shutdown: not the owner's failure
                 await hand_back(rid, attempt)
                 return
-            await retry_or_fail(row, dispatched, f"{classify_error(e)}: {e!r}"[:500], None)
+            # The consumer sees the detail: the exception's text names the owner's host.
+            log.warning("owner request failed", request_id=rid, attempt=attempt, error=repr(e))
+            await retry_or_fail(row, dispatched, describe_failure(e), None)
             return
         verdict = domain.judge_response(status, len(raw), row["max_result_bytes"])
         if verdict == "completed":

@@ -52,3 +52,28 @@ def test_log_lines_carry_the_trace_of_the_work_in_progress() -> None:
     with span_from(f"00-{TRACE_ID}-00f067aa0ba902b7-01", "work", SpanKind.CONSUMER):
         assert current_trace_ids() == (TRACE_ID, "00f067aa0ba902b7")
     assert current_trace_ids() is None
+
+
+def test_a_token_in_the_query_string_stays_out_of_the_trace_store() -> None:
+    """An owner may post its callback with `?token=`: FastAPI's spans would record it."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from postback_libs.http import App
+
+    exported = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exported))
+    app = App(telemetry={"tracer_provider": provider})
+
+    @app.post("/v1/callbacks/{request_id}")
+    async def callback(request_id: str) -> dict[str, str]:
+        return {"request_id": request_id}
+
+    with TestClient(app) as http:
+        assert http.post("/v1/callbacks/req_1?token=SECRET-TOKEN").status_code == 200
+        assert http.post("/v1/callbacks/req_2?page=2").status_code == 200
+    recorded = [str(dict(s.attributes or {})) for s in exported.get_finished_spans()]
+    assert any("page=2" in r for r in recorded)  # FastAPI's spans are recorded...
+    assert not any("SECRET-TOKEN" in r for r in recorded)  # ...but not those with a token

@@ -14,6 +14,7 @@ from standardwebhooks.webhooks import Webhook as StandardWebhook
 from svix.webhooks import Webhook as SvixWebhook
 
 from postback_delivery.app import build as delivery
+from postback_delivery.dispatch import ATTEMPTS
 from postback_libs.events import (
     CallCompleted,
     CallFailed,
@@ -134,7 +135,15 @@ async def test_every_outcome_is_delivered_signed(settings):
         assert not calls.of_type("call.delivered", silent)
 
 
+def attempts_counted(status: str, error_class: str) -> float:
+    return ATTEMPTS.labels(status, error_class)._value.get()
+
+
 async def test_failures_are_retried_under_the_same_webhook_id(settings):
+    retried, succeeded_before = (
+        attempts_counted("pending", "http_status"),
+        attempts_counted("succeeded", "none"),
+    )
     async with (
         scripted([(500, {}), (503, {"Retry-After": "0"})]) as hooks,
         TopicReader(settings, "postback.calls") as calls,
@@ -169,6 +178,9 @@ async def test_failures_are_retried_under_the_same_webhook_id(settings):
         assert (row["status"], row["attempts"]) == ("succeeded", 3)
         await asyncio.sleep(0.3)
         assert len(hooks.received) == 3
+    # On the metrics the on-call engineer watches.
+    assert attempts_counted("pending", "http_status") == retried + 2
+    assert attempts_counted("succeeded", "none") == succeeded_before + 1
 
 
 async def test_410_gone_stops_delivery_at_once(settings):

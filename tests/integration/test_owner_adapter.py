@@ -18,6 +18,7 @@ from standardwebhooks.webhooks import Webhook
 from postback.embedded import free_port
 from postback_libs.events import CallAuthorized
 from postback_libs.signing import derive_secret
+from postback_owner_adapter.app import OWNER_REQUESTS
 from postback_owner_adapter.app import build as owner_adapter
 from postback_owner_adapter.domain import callback_token
 from postback_owner_adapter.outcomes import OutcomeWriter
@@ -146,6 +147,7 @@ async def test_callbacks_are_accepted_once_and_checked(settings):
 
 
 async def test_an_owner_that_keeps_failing_is_retried_then_the_call_fails(settings):
+    retried = OWNER_REQUESTS.labels("retry")._value.get()
     async with (
         failing_owner(500) as owner,
         TopicReader(settings, "postback.calls") as calls,
@@ -160,6 +162,7 @@ async def test_an_owner_that_keeps_failing_is_retried_then_the_call_fails(settin
         assert attempts == list(range(1, settings.owner_max_attempts + 1))
         assert len(owner.received) == settings.owner_max_attempts
         assert not calls.of_type("call.completed", rid)
+    assert OWNER_REQUESTS.labels("retry")._value.get() == retried + settings.owner_max_attempts
 
 
 async def test_an_unreachable_owner_fails_the_call_without_naming_its_address(settings):

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
+from prometheus_client import Counter, Gauge, Histogram
 
 from postback_delivery import domain
 from postback_delivery.domain import RetryPolicy
@@ -37,6 +38,22 @@ from postback_libs.webhooks import (
 
 log = get_logger(__name__)
 USER_AGENT = "Postback/0.1.0"
+ATTEMPTS = Counter(
+    "postback_delivery_attempts_total",
+    "Webhook attempts by what became of their message (succeeded, pending: retried later, "
+    "failed: the endpoint is gone, exhausted) and why it failed (http_status, timeout, "
+    "connect, dns, tls, blocked_address, other; none on success).",
+    ["status", "error_class"],
+)
+ATTEMPT_SECONDS = Histogram(
+    "postback_delivery_attempt_seconds",
+    "Time from sending a webhook to its answer (or error).",
+    ["status"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+OUTSTANDING = Gauge(
+    "postback_delivery_outstanding", "Messages claimed by this process and not yet recorded."
+)
 
 
 @functools.lru_cache(maxsize=8192)
@@ -92,6 +109,21 @@ class Sender:
             datetime.now(UTC),
             self.rng,
         )
+        error_class = result.error_class or ("http_status" if not result.succeeded else "none")
+        ATTEMPTS.labels(decision.status, error_class).inc()
+        ATTEMPT_SECONDS.labels(decision.status).observe(result.latency_ms / 1000)
+        if decision.status != "succeeded":
+            log.warning(
+                "webhook attempt failed",
+                delivery_id=c.delivery_id,
+                request_id=c.request_id,
+                endpoint_id=c.endpoint_id,
+                attempt=c.attempts,
+                status_code=result.status_code,
+                error_class=error_class,
+                then=decision.status,
+                retry_at=decision.retry_at.isoformat() if decision.retry_at else None,
+            )
         return Outcome(c, url, result, decision)
 
 
@@ -114,6 +146,7 @@ class Dispatcher:
         self.idle_poll_seconds = idle_poll_seconds
         self.wake = asyncio.Event()
         self.outstanding = 0  # claimed, not yet recorded
+        OUTSTANDING.set_function(lambda: self.outstanding)
         self._starved = False  # the last claim was cut short by room: rows may be waiting
         self._ready: asyncio.Queue[Claimed] = asyncio.Queue()
         self._stopping = False

@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 from fastapi import Request, Response
+from prometheus_client import Counter, Histogram
 
 from postback_libs.consumer import Handlers
 from postback_libs.db import DATABASE_ERRORS, delete_in_chunks
@@ -35,7 +36,13 @@ from postback_libs.events import (
 )
 from postback_libs.http import Problem
 from postback_libs.logging import get_logger
-from postback_libs.outbound import AddressPolicy, describe_failure, guarded_session, read_capped
+from postback_libs.outbound import (
+    AddressPolicy,
+    classify_error,
+    describe_failure,
+    guarded_session,
+    read_capped,
+)
 from postback_libs.outbox import UnitOfWork
 from postback_libs.runtime import Service
 from postback_libs.settings import Settings
@@ -48,6 +55,19 @@ log = get_logger(__name__)
 OPEN = ("routed", "pending", "dispatching", "accepted")
 USER_AGENT = "Postback/0.1.0"
 DEADLINE_SLACK = timedelta(milliseconds=50)
+OWNER_REQUESTS = Counter(
+    "postback_owner_requests_total",
+    "Calls forwarded to owners, by what came of them: completed, accepted (the owner calls "
+    "back), retry (a 5xx), refused, too_large, or the error that stopped the request "
+    "(timeout, connect, dns, tls, blocked_address, other).",
+    ["result"],
+)
+OWNER_REQUEST_SECONDS = Histogram(
+    "postback_owner_request_seconds",
+    "Time from forwarding a call to the owner's answer (or error).",
+    ["result"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
 HAND_BACK = """
 UPDATE dispatches SET status = 'pending', attempts = attempts - 1, lease_until = NULL,
     next_attempt_at = now(), updated_at = now()
@@ -141,6 +161,7 @@ def build(settings: Settings) -> Service:
             await hand_back(rid, attempt)
             return
         timeout = aiohttp.ClientTimeout(total=total)
+        started = time.perf_counter()
         try:
             async with session["http"].request(
                 fwd.method,
@@ -156,11 +177,17 @@ def build(settings: Settings) -> Service:
             if service.stopping:  # cut off by our own shutdown: not the owner's failure
                 await hand_back(rid, attempt)
                 return
+            OWNER_REQUESTS.labels(classify_error(e)).inc()
+            OWNER_REQUEST_SECONDS.labels("unreachable").observe(time.perf_counter() - started)
             # The consumer sees the detail: the exception's text names the owner's host.
             log.warning("owner request failed", request_id=rid, attempt=attempt, error=repr(e))
             await retry_or_fail(row, dispatched, describe_failure(e), None)
             return
         verdict = domain.judge_response(status, len(raw), row["max_result_bytes"])
+        OWNER_REQUESTS.labels(verdict).inc()
+        OWNER_REQUEST_SECONDS.labels(verdict).observe(time.perf_counter() - started)
+        if verdict not in ("completed", "accepted"):
+            log.warning("owner answered", request_id=rid, attempt=attempt, status_code=status)
         if verdict == "completed":
             await finish(
                 rid,

@@ -11,6 +11,7 @@ from urllib.parse import unquote_to_bytes
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.telemetry import TelemetryConfig
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -138,7 +139,8 @@ class App(FastAPI):
         # FastAPI's own spans record the query string, redacting only cloud storage signatures:
         # an owner's callback may carry its token there (`?token=`), and the trace store is no
         # place for it. Such requests keep the span of `TraceRequests`, which records no URL.
-        telemetry = {"exclude": _query_carries_token, **kwargs.pop("telemetry", {})}
+        telemetry: TelemetryConfig = {"exclude": _query_carries_token}
+        telemetry.update(kwargs.pop("telemetry", {}))
         super().__init__(telemetry=telemetry, **kwargs)
         self.direct_routes: dict[tuple[str, str], ASGIApp] = {}
 

@@ -85,6 +85,27 @@ def span_from(traceparent: str | None, name: str, kind: SpanKind) -> Iterator[No
             otel_context.detach(attached)
 
 
+@contextmanager
+def continuing(traceparent: str | None) -> Iterator[None]:
+    """Work done later on behalf of the span `traceparent` names (gathered in a batch, queued
+    in a table): what it emits, and the requests it makes, carry that trace. No new span."""
+    if not traceparent:
+        yield
+        return
+    if not _recording:
+        token = _carried.set(traceparent)
+        try:
+            yield
+        finally:
+            _carried.reset(token)
+        return
+    attached = otel_context.attach(_propagator.extract({"traceparent": traceparent}))
+    try:
+        yield
+    finally:
+        otel_context.detach(attached)
+
+
 class TraceRequests:
     """ASGI middleware: each HTTP request runs in a server span that continues the caller's
     `traceparent`, so the events a request emits (a call's `call.requested`) start or join

@@ -9,15 +9,18 @@ from standardwebhooks.webhooks import Webhook
 
 from postback_delivery.app import build as delivery
 from postback_ingress.app import build as ingress
+from postback_libs.events import CloudEvent
 from postback_owner_adapter.app import build as owner_adapter
 from postback_projection.app import build as projection
 from postback_routing.app import build as routing
 from postback_settlement.app import build as settlement
 from tests.helpers import (
     OPERATOR,
+    TopicReader,
     bearer,
     client,
     create_account,
+    events_of,
     eventually,
     owner_server,
     receiver,
@@ -148,3 +151,72 @@ async def test_calls_are_routed_settled_and_delivered_signed(settings):
 
 async def _has(http, account, amount):
     return await balance(http, account) == amount
+
+
+async def test_one_call_is_one_trace_from_the_request_to_its_webhook(settings):
+    """Each event of a call, in every service, continues the caller's trace; so do the request
+    forwarded to the owner, the owner's callback, the ledger's transfers and the webhook."""
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    caller = {"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"}
+    async with (
+        owner_server() as owner_http,
+        receiver() as hooks,
+        TopicReader(settings, "postback.calls") as calls,
+        TopicReader(settings, "postback.ledger") as ledger,
+        TopicReader(settings, "postback.deliveries") as deliveries,
+        running(settings, *ALL) as svcs,
+    ):
+        http = client(svcs[0])
+        owner = await create_account(http, ["owner"], "owner")
+        consumer = await create_account(http, ["consumer"], "consumer")
+        await register_api(http, owner, "sync-api", f"{owner_http.url}/sync")
+        await register_api(
+            http, owner, "async-api", f"{owner_http.url}/async", delivery_mode="async"
+        )
+        await http.post(
+            f"/v1/accounts/{consumer['account_id']}/credits",
+            json={"amount": 1000},
+            headers=OPERATOR,
+        )
+        await eventually(lambda: _has(http, consumer, 1000), what="credit applied")
+        rids = []
+        for api in ("sync-api", "async-api"):
+            r = await http.post(
+                "/v1/calls",
+                headers={**bearer(consumer), **caller},
+                json={"api": api, "webhook_url": f"{hooks.url}/hook"},
+            )
+            rids.append(r.json()["request_id"])
+
+        def of_call(reader: TopicReader, type_: str, rid: str) -> list[CloudEvent]:
+            return [e for e in reader.of_type(type_) if e.data.get("request_id") == rid]
+
+        for rid in rids:
+            await events_of(calls, "call.delivered", rid, timeout=60)
+            await eventually(lambda: of_call(deliveries, "delivery.succeeded", rid))  # noqa: B023
+            await eventually(lambda: of_call(ledger, "transfer.posted", rid))  # noqa: B023
+
+        def trace_of(traceparent: str | None) -> str | None:
+            return traceparent.split("-")[1] if traceparent else None
+
+        for rid in rids:
+            story = [e for e in calls.events if e.subject == rid]
+            assert {e.type for e in story} >= {
+                "call.requested",
+                "call.routed",
+                "call.authorized",
+                "call.dispatched",
+                "call.completed",
+                "call.settled",
+                "call.delivered",
+            }
+            assert {e.type: trace_of(e.traceparent) for e in story} == {
+                e.type: trace_of(caller["traceparent"]) for e in story
+            }
+            transfers = [e for e in ledger.events if e.data.get("request_id") == rid]
+            assert transfers and {trace_of(e.traceparent) for e in transfers} == {trace_id}
+            attempts = [e for e in deliveries.events if e.data.get("request_id") == rid]
+            assert attempts and {trace_of(e.traceparent) for e in attempts} == {trace_id}
+        # The owner and the webhook receiver can continue it too.
+        assert {trace_of(h.get("traceparent")) for _, h, _ in owner_http.received} == {trace_id}
+        assert {trace_of(h.get("traceparent")) for _, h, _ in hooks.received} == {trace_id}

@@ -95,6 +95,8 @@ class Sender:
         headers = message_headers(
             self._signature(c, timestamp, now), c.message_id, timestamp, USER_AGENT
         )
+        if c.traceparent:  # the receiver may continue the call's trace
+            headers["traceparent"] = c.traceparent
         # An endpoint's current URL: the account may have fixed it since the message was made.
         url = c.endpoint.url if c.endpoint is not None else c.url
         result = await post_message(self.session(), url, c.body, headers)

@@ -220,10 +220,11 @@ class CallBatch:
         endpoints: dict[str, list[Any]] = {}
         for r in await conn.fetch(ENDPOINTS_OF, accounts):
             endpoints.setdefault(r["account_id"], []).append(r)
-        rows: list[tuple[str, Message, Destination, str]] = []
+        # Each message continues the trace of the final event that made it.
+        rows: list[tuple[str, Message, Destination, CloudEvent]] = []
         for event, data, ctx in resolved:
             for msg, to in messages_for(event, data, ctx, endpoints.get(ctx.consumer_id, [])):
-                rows += [(delivery_id(msg.message_id, d), msg, d, event.id) for d in to]
+                rows += [(delivery_id(msg.message_id, d), msg, d, event) for d in to]
         if not rows:
             return
         # A call's own webhook_url has no endpoint limits to admit it through: started here,
@@ -247,12 +248,14 @@ class CallBatch:
             [r[2].url for r in rows],
             start,
             self.lease,
+            [r[3].traceparent for r in rows],
         )
         fresh = {r["delivery_id"]: r for r in inserted}
         for dlv, msg, dest, cause in rows:
             row = fresh.get(dlv)
             if row is None:
                 continue
+            traceparent = cause.traceparent
             self.uow.emit(
                 DeliveryScheduled(
                     delivery_id=dlv,
@@ -263,7 +266,8 @@ class CallBatch:
                     message_type=msg.event_type,
                     url=dest.url,
                 ),
-                cause=str(derived_id(cause, dlv)),
+                cause=str(derived_id(cause.id, dlv)),
+                traceparent=traceparent,
             )
             if row["status"] != "delivering":
                 self.waiting += 1
@@ -282,6 +286,7 @@ class CallBatch:
                         retry_base=0,
                         cycle_started_at=row["created_at"],
                         claimed_at=claimed_at,
+                        traceparent=traceparent,
                     )
                 )
 
@@ -291,13 +296,15 @@ class CallBatch:
 # batch's, so that it is never shorter than `Queue.can_start` assumes.
 ENQUEUE_MANY = """
 INSERT INTO deliveries (delivery_id, message_id, request_id, account_id, event_type, body,
-                        endpoint_id, url, status, attempts, lease_until, next_attempt_at)
+                        endpoint_id, url, traceparent, status, attempts, lease_until,
+                        next_attempt_at)
 SELECT u.id, u.message_id, u.request_id, u.account_id, u.event_type, u.body, u.endpoint_id, u.url,
-    CASE WHEN u.start THEN 'delivering' ELSE 'pending' END, u.start::int,
+    u.traceparent, CASE WHEN u.start THEN 'delivering' ELSE 'pending' END, u.start::int,
     CASE WHEN u.start THEN clock_timestamp() + make_interval(secs => $10) END, now()
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bytea[],
-            $7::text[], $8::text[], $9::boolean[])
-    AS u(id, message_id, request_id, account_id, event_type, body, endpoint_id, url, start)
+            $7::text[], $8::text[], $9::boolean[], $11::text[])
+    AS u(id, message_id, request_id, account_id, event_type, body, endpoint_id, url, start,
+         traceparent)
 ON CONFLICT DO NOTHING
 RETURNING delivery_id, status, created_at
 """

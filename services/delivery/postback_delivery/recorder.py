@@ -32,6 +32,7 @@ from postback_libs.ids import derived_id
 from postback_libs.logging import get_logger
 from postback_libs.outbox import UnitOfWork
 from postback_libs.settings import Settings
+from postback_libs.telemetry import continuing
 from postback_libs.webhooks import NOTIFICATION_EVENTS, AttemptResult
 
 log = get_logger(__name__)
@@ -208,12 +209,13 @@ class Recorder:
             for o in outcomes:
                 if o.claimed.delivery_id not in moved:
                     continue  # its lease ran out and another attempt took over
-                for e in _events(o):
-                    uow.emit(e)
                 if o.claimed.endpoint_id is not None:
                     by_endpoint.setdefault(o.claimed.endpoint_id, []).append(o)
-                if o.decision.status == "exhausted":
-                    await self._announce_exhausted(uow, o)
+                with continuing(o.claimed.traceparent):  # the message's, not the recorder's
+                    for e in _events(o):
+                        uow.emit(e)
+                    if o.decision.status == "exhausted":
+                        await self._announce_exhausted(uow, o)
             if by_endpoint:
                 await self._record_health(uow, locked, by_endpoint)
 

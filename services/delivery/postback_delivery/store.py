@@ -48,7 +48,7 @@ UPDATE deliveries SET status = 'delivering', attempts = attempts + 1, held = fal
     lease_until = now() + make_interval(secs => $2), updated_at = now()
 WHERE delivery_id = ANY($1::text[])
 RETURNING delivery_id, message_id, request_id, account_id, endpoint_id, url, event_type, body,
-    attempts, retry_base, coalesce(cycle_started_at, created_at) AS cycle_started_at
+    attempts, retry_base, coalesce(cycle_started_at, created_at) AS cycle_started_at, traceparent
 """
 DEFER = """
 UPDATE deliveries SET next_attempt_at = u.due, held = u.held
@@ -89,6 +89,7 @@ class Claimed:
     cycle_started_at: datetime  # the retry window counts from here
     endpoint: EndpointState | None = None
     claimed_at: float = 0.0  # time.monotonic() of the claim
+    traceparent: str | None = None  # of the event that made the message
 
 
 def health_of(row: Any) -> Health:

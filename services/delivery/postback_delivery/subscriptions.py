@@ -10,6 +10,7 @@ from typing import Any
 from postback_libs.events import DeliveryScheduled, EndpointState
 from postback_libs.ids import derived_id
 from postback_libs.outbox import UnitOfWork
+from postback_libs.telemetry import current_traceparent
 from postback_libs.webhooks import subscribed
 
 
@@ -174,8 +175,8 @@ async def destinations(
 
 ENQUEUE = """
 INSERT INTO deliveries (delivery_id, message_id, request_id, account_id, endpoint_id, url,
-                        event_type, body, status, next_attempt_at)
-SELECT u.id, $2, $3, $4, u.endpoint_id, u.url, $5, $6, 'pending', now()
+                        event_type, body, traceparent, status, next_attempt_at)
+SELECT u.id, $2, $3, $4, u.endpoint_id, u.url, $5, $6, $9, 'pending', now()
 FROM unnest($1::text[], $7::text[], $8::text[]) AS u(id, endpoint_id, url)
 ON CONFLICT DO NOTHING
 RETURNING delivery_id, endpoint_id, url
@@ -199,6 +200,7 @@ async def enqueue(
         message.body,
         [d.endpoint_id for d in to],
         [d.url for d in to],
+        current_traceparent(),
     )
     for r in rows:
         scheduled = DeliveryScheduled(

@@ -47,6 +47,7 @@ from postback_libs.outbox import UnitOfWork
 from postback_libs.runtime import Service
 from postback_libs.settings import Settings
 from postback_libs.signing import derive_secret, webhook_headers
+from postback_libs.telemetry import continuing, current_traceparent
 from postback_libs.workqueue import WorkQueue, fits_lease, lease_for
 from postback_owner_adapter import domain, intake
 from postback_owner_adapter.outcomes import OutcomeWriter
@@ -148,6 +149,8 @@ def build(settings: Settings) -> Service:
             **fwd.headers,
             **webhook_headers([secret], msg_id, int(time.time()), fwd.body or b"", USER_AGENT),
         }
+        if traceparent := current_traceparent():  # the owner may continue the call's trace
+            headers["traceparent"] = traceparent
         if fwd.body is None:
             headers.pop("content-type", None)
         dispatched = CallDispatched(request_id=rid, attempt=attempt, upstream_url=fwd.target)
@@ -288,7 +291,8 @@ def build(settings: Settings) -> Service:
     async def dispatch_claimed(row: Any) -> None:
         busy.add(row["request_id"])
         try:
-            await dispatch(row)
+            with continuing(row["traceparent"]):  # the request and the outcomes it makes
+                await dispatch(row)
         finally:
             busy.discard(row["request_id"])
 
@@ -311,22 +315,18 @@ def build(settings: Settings) -> Service:
         while not service.stopping:
             try:
                 rows = await service.pool.fetch(
-                    "SELECT request_id, deadline FROM dispatches"
+                    "SELECT request_id, deadline, traceparent FROM dispatches"
                     " WHERE status = ANY($1::text[]) AND deadline < now() LIMIT 500",
                     list(OPEN),
                 )
+
+                async def time_out(r: Any) -> None:
+                    with continuing(r["traceparent"]):
+                        outcome = CallTimedOut(request_id=r["request_id"], deadline=r["deadline"])
+                        await finish(r["request_id"], OPEN, "timed_out", outcome)
+
                 # Together, so they are written as a few batches rather than one by one.
-                await asyncio.gather(
-                    *(
-                        finish(
-                            r["request_id"],
-                            OPEN,
-                            "timed_out",
-                            CallTimedOut(request_id=r["request_id"], deadline=r["deadline"]),
-                        )
-                        for r in rows
-                    )
-                )
+                await asyncio.gather(*(time_out(r) for r in rows))
             except DATABASE_ERRORS as e:
                 log.warning("deadline check failed", error=repr(e))
                 rows = []
@@ -366,7 +366,8 @@ def build(settings: Settings) -> Service:
                 "the token does not match this request id",
             )
         row = await service.pool.fetchrow(
-            "SELECT status, result_digest, max_result_bytes FROM dispatches WHERE request_id = $1",
+            "SELECT status, result_digest, max_result_bytes, traceparent FROM dispatches"
+            " WHERE request_id = $1",
             request_id,
         )
         if row is None:
@@ -391,13 +392,15 @@ def build(settings: Settings) -> Service:
             content_type=ctype,
             result=domain.parse_result(raw, ctype),
         )
-        if await finish(
-            request_id,
-            ("pending", "dispatching", "accepted"),
-            "completed",
-            completed,
-            digest=digest,
-        ):
+        with continuing(row["traceparent"]):  # the call's trace, not the callback request's
+            won = await finish(
+                request_id,
+                ("pending", "dispatching", "accepted"),
+                "completed",
+                completed,
+                digest=digest,
+            )
+        if won:
             return Response(status_code=200)
         row = await service.pool.fetchrow(
             "SELECT status, result_digest FROM dispatches WHERE request_id = $1", request_id

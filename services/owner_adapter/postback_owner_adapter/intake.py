@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from postback_libs.outbox import UnitOfWork
+from postback_libs.telemetry import current_traceparent
 
 INSERT = """
 INSERT INTO dispatches (request_id, api_id, upstream_url, method, path, params, body, entry,
-    max_result_bytes, deadline, status)
+    max_result_bytes, deadline, traceparent, status)
 SELECT r.*, 'routed' FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-    $6::jsonb[], $7::jsonb[], $8::text[], $9::int[], $10::timestamptz[]) AS r
+    $6::jsonb[], $7::jsonb[], $8::text[], $9::int[], $10::timestamptz[], $11::text[]) AS r
 ON CONFLICT DO NOTHING
 RETURNING request_id
 """
@@ -67,6 +68,7 @@ def routed(uow: UnitOfWork, call: Any) -> None:
             call.entry,
             call.max_result_bytes,
             call.deadline,
+            current_traceparent(),  # the call.routed handler's: the call's trace
         ),
     )
 

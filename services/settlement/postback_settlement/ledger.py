@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from postback_libs.outbox import UnitOfWork
+from postback_libs.telemetry import continuing, current_traceparent
 from postback_settlement.domain import (
     Account,
     Book,
@@ -174,7 +175,9 @@ class LedgerStep:
 
     conn: Any
     low_balance_threshold: int = 0
-    steps: list[Step] = field(default_factory=list)
+    # Each staged step with the trace of the event that staged it: the events it emits
+    # continue that trace.
+    steps: list[tuple[Step, str | None]] = field(default_factory=list)
     requests: set[str] = field(default_factory=set)
     accounts: set[str] = field(default_factory=set)
     transfer_ids: set[str] = field(default_factory=set)
@@ -189,7 +192,7 @@ class LedgerStep:
     ) -> None:
         """Stage `step`. It will find in the book the reservations of `requests` that exist
         (with their accounts), the `accounts`, and which of `transfer_ids` exist already."""
-        self.steps.append(step)
+        self.steps.append((step, current_traceparent()))
         self.requests.update(requests)
         self.accounts.update(accounts)
         self.transfer_ids.update(transfer_ids)
@@ -208,8 +211,9 @@ class LedgerStep:
             rows = await self.conn.fetch(EXISTING_TRANSFERS, sorted(self.transfer_ids))
             existing = {r["id"] for r in rows}
         book = Book.of(locked, reservations, existing, self.low_balance_threshold)
-        for step in steps:
-            step(book)
+        for step, traceparent in steps:
+            with continuing(traceparent):
+                step(book)
         await save(self.conn, book)
         self.requests.clear()
         self.accounts.clear()

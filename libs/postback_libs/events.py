@@ -289,6 +289,7 @@ class CallSettled(CallRef):
         ge=0, description="The call's price, fee included: what the consumer paid."
     )
     fee: Money = Field(ge=0, description="The platform's part; the owner got `amount - fee`.")
+    api_id: str | None = Field(None, description="The API called (absent in older events).")
 
 
 @event("call.refunded", CALLS, "request_id")
@@ -299,6 +300,7 @@ class CallRefunded(CallRef):
     consumer_id: str
     amount: Money = Field(ge=0)
     outcome: Literal["call.failed", "call.timed_out"]
+    api_id: str | None = Field(None, description="The API called (absent in older events).")
 
 
 @event("call.delivered", CALLS, "request_id")

@@ -52,10 +52,11 @@ async def test_calls_are_routed_settled_and_delivered_signed(settings):
         owner = await create_account(http, ["owner"], "owner")
         consumer = await create_account(http, ["consumer"], "consumer")
         poor = await create_account(http, ["consumer"], "poor")
-        await register_api(http, owner, "sync-api", f"{owner_http.url}/sync")
-        await register_api(
+        sync = await register_api(http, owner, "sync-api", f"{owner_http.url}/sync")
+        async_ = await register_api(
             http, owner, "async-api", f"{owner_http.url}/async", delivery_mode="async"
         )
+        api_ids = {"sync-api": sync["api"]["api_id"], "async-api": async_["api"]["api_id"]}
         r = await http.post(
             f"/v1/accounts/{consumer['account_id']}/credits",
             json={"amount": 1000},
@@ -110,9 +111,15 @@ async def test_calls_are_routed_settled_and_delivered_signed(settings):
             if status == "completed":
                 assert data["result"]["echo"] == {"n": detail}
                 assert data["cost"] == PRICE
+                # The API as named (it may be renamed) and the API for good.
+                assert data["api_id"] == api_ids[data["api"]]
             else:
                 assert by_request[request_id]["type"] == "call.rejected"
                 assert data["error"]["reason"] == detail
+                if detail == "insufficient_funds":  # refused once the API was known
+                    assert data["api_id"] == api_ids["sync-api"]
+                else:
+                    assert "api_id" not in data
 
         async def all_delivered():
             for request_id in calls:

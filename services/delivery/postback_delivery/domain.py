@@ -22,10 +22,19 @@ def webhook_body(event_type: str, at: datetime, data: dict[str, Any]) -> bytes:
 
 
 def outcome_data(
-    *, request_id: str, api: str, status: str, outcome: dict[str, Any] | None, cost: int | None
+    *,
+    request_id: str,
+    api: str,
+    api_id: str | None = None,
+    status: str,
+    outcome: dict[str, Any] | None,
+    cost: int | None,
 ) -> dict[str, Any]:
-    """The `data` of a call-outcome webhook."""
+    """The `data` of a call-outcome webhook: `api` as the consumer named it, `api_id` once
+    the API is known (not for a call naming no API)."""
     data: dict[str, Any] = {"request_id": request_id, "api": api, "status": status}
+    if api_id is not None:
+        data["api_id"] = api_id
     outcome = outcome or {}
     if status == "completed":
         data["result"] = outcome.get("result")

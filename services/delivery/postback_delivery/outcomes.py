@@ -99,7 +99,10 @@ def messages_for(
     if isinstance(final, CallRejected):
         outcome_type, status = "call.rejected", "rejected"
         outcome: dict[str, Any] = {"reason": final.reason, "detail": final.detail}
+        # Settlement names the API routing resolved; routing, what the consumer sent.
+        api_id = final.api if final.stage == "settlement" else None
     else:
+        api_id = final.api_id  # type: ignore[attr-defined]
         outcome_type = ctx.outcome_type or "call.failed"
         status = outcome_type.removeprefix("call.")
         outcome = ctx.outcome or {}
@@ -108,7 +111,7 @@ def messages_for(
     to += pick(endpoints, outcome_type)
     if to:
         data = domain.outcome_data(
-            request_id=rid, api=ctx.api, status=status, outcome=outcome, cost=cost
+            request_id=rid, api=ctx.api, api_id=api_id, status=status, outcome=outcome, cost=cost
         )
         body = domain.webhook_body(outcome_type, event.time, data)
         msg_id = f"msg_{derived_id(event.id, 'webhook').hex}"
@@ -116,7 +119,7 @@ def messages_for(
     if isinstance(final, CallSettled):
         settled_to = pick(endpoints, "call.settled")
         if settled_to:
-            data = {"request_id": rid, "api": ctx.api, "cost": final.amount}
+            data = {"request_id": rid, "api": ctx.api, "api_id": api_id, "cost": final.amount}
             body = domain.webhook_body("call.settled", event.time, data)
             msg_id = f"msg_{derived_id(event.id, 'webhook:call.settled').hex}"
             out.append((Message(msg_id, ctx.consumer_id, "call.settled", body, rid), settled_to))

@@ -184,6 +184,7 @@ def call_handlers(settings: Settings) -> Handlers:
                     owner_id=r.owner_id,
                     amount=r.amount,
                     fee=r.fee,
+                    api_id=r.api_id,
                 ),
                 cause=event.id,
             )
@@ -206,6 +207,7 @@ def call_handlers(settings: Settings) -> Handlers:
                     consumer_id=r.consumer_id,
                     amount=r.amount,
                     outcome=outcome_type,
+                    api_id=r.api_id,
                 ),
                 cause=event.id,
             )

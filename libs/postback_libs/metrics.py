@@ -18,7 +18,15 @@ HANDLER_SECONDS = Histogram(
     ["group"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
-OUTBOX_PENDING = Gauge("postback_outbox_pending", "Outbox rows not yet published.")
+OUTBOX_PENDING = Gauge(
+    "postback_outbox_pending",
+    "Outbox rows in the batch being published (the batch size while more wait behind it).",
+)
+OUTBOX_OLDEST_SECONDS = Gauge(
+    "postback_outbox_oldest_seconds",
+    "Age of the oldest event the relay has yet to publish; grows while the broker is away "
+    "(accepted work waits in the outbox, safe, until it is back).",
+)
 OUTBOX_DELAY_SECONDS = Histogram(
     "postback_outbox_delay_seconds",
     "From the transaction that wrote an event to the broker's acknowledgement of it.",

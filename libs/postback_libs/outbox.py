@@ -23,7 +23,12 @@ from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from postback_libs.db import DATABASE_ERRORS, lock_key
 from postback_libs.events import CONTENT_TYPE, MAX_EVENT_BYTES, CloudEvent, EventData, new_event
 from postback_libs.logging import get_logger
-from postback_libs.metrics import EVENTS_PRODUCED, OUTBOX_DELAY_SECONDS, OUTBOX_PENDING
+from postback_libs.metrics import (
+    EVENTS_PRODUCED,
+    OUTBOX_DELAY_SECONDS,
+    OUTBOX_OLDEST_SECONDS,
+    OUTBOX_PENDING,
+)
 from postback_libs.settings import Settings
 from postback_libs.telemetry import current_traceparent
 
@@ -208,7 +213,12 @@ class OutboxRelay:
         self._published = []
         if not rows:
             OUTBOX_PENDING.set(0)
+            OUTBOX_OLDEST_SECONDS.set(0)
             return 0
+        # Before sending: while the broker is away the sends fail, the rows are fetched again
+        # each retry, and these show the wait growing.
+        OUTBOX_PENDING.set(len(rows))
+        OUTBOX_OLDEST_SECONDS.set(time.time() - min(r["created_at"] for r in rows).timestamp())
         sends = await self._send(rows)
         await asyncio.gather(*sends)  # every send acknowledged before the rows may go
         # By position, not by range: a transaction that commits late can hold a lower position
@@ -221,6 +231,8 @@ class OutboxRelay:
         for r in rows:
             OUTBOX_DELAY_SECONDS.observe(acked - r["created_at"].timestamp())
         OUTBOX_PENDING.set(len(rows) if len(rows) == self.batch else 0)
+        if len(rows) < self.batch:
+            OUTBOX_OLDEST_SECONDS.set(0)
         return len(rows)
 
     async def _send(self, rows: list[Any]) -> list[asyncio.Future[Any]]:

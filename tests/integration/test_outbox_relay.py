@@ -10,6 +10,7 @@ from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError
 from aiokafka.partitioner import murmur2
 
 from postback_libs.db import schema_for
+from postback_libs.metrics import OUTBOX_OLDEST_SECONDS
 from postback_libs.outbox import OutboxRelay, new_producer, unit_of_work
 from tests.helpers import TopicReader, call_routed, eventually
 
@@ -63,9 +64,11 @@ async def test_the_relay_rides_out_a_broker_that_fails_a_send(settings) -> None:
     await producer.start()
     failures = [KafkaConnectionError("the broker went away"), MessageSizeTooLargeError("big")]
     send_batch = producer.send_batch
+    waited: list[float] = []  # what the on-call engineer sees while the sends fail
 
     async def flaky(*args, **kwargs):
         if failures:
+            waited.append(OUTBOX_OLDEST_SECONDS._value.get())
             raise failures.pop(0)
         return await send_batch(*args, **kwargs)
 
@@ -78,6 +81,8 @@ async def test_the_relay_rides_out_a_broker_that_fails_a_send(settings) -> None:
                 uow.emit(call_routed("http://127.0.0.1:9/", request_id="req_relay_flaky"))
             await eventually(lambda: reader.raw, timeout=30, what="the event published")
         assert not failures and not task.done()
+        assert len(waited) == 2 and 0 < waited[0] < waited[1]  # the wait shows, and grows
+        await eventually(lambda: OUTBOX_OLDEST_SECONDS._value.get() == 0, what="back to 0")
     finally:
         await relay.stop()
         await task

@@ -25,6 +25,7 @@ from pydantic import ValidationError
 
 from postback_libs.db import UNAVAILABLE, delete_in_chunks
 from postback_libs.events import (
+    CALLS,
     CONTENT_TYPE,
     DLQ,
     MAX_EVENT_BYTES,
@@ -141,6 +142,16 @@ async def purge_inbox(
     )
 
 
+def _reason(e: Exception) -> str:
+    """Why an event could not be read, without quoting it: it may hold a call's data."""
+    if isinstance(e, ValidationError):
+        return "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or 'event'}: {err['msg']}"
+            for err in e.errors(include_url=False, include_input=False)
+        )
+    return type(e).__name__
+
+
 class BatchApplier:
     def __init__(
         self,
@@ -194,7 +205,7 @@ class BatchApplier:
                 payload = event.payload() if self.handlers.typed else None
                 decoded.append(Decoded(record, event, payload))
             except (ValidationError, ValueError, KeyError) as e:
-                await self.dead_letter(record, f"undecodable event: {e}", attempts=1)
+                await self.dead_letter(record, f"undecodable event: {_reason(e)}", attempts=1)
         for type_, n in ignored.items():
             EVENTS_CONSUMED.labels(self.group, type_, "ignored").inc(n)
         for type_, n in observed.items():
@@ -211,7 +222,12 @@ class BatchApplier:
         except UNAVAILABLE:
             await self._apply_one_by_one(decoded)
         except Exception as e:  # a bad event or a bug: isolate it
-            log.warning("batch failed, applying events one by one", error=repr(e))
+            log.warning(
+                "batch failed, applying events one by one",
+                group=self.group,
+                events=len(decoded),
+                error=repr(e),
+            )
             await self._apply_one_by_one(decoded)
         HANDLER_SECONDS.labels(self.group).observe(time.perf_counter() - started)
 
@@ -277,12 +293,16 @@ class BatchApplier:
         return {r["event_id"] for r in rows}
 
     async def _handle(self, d: Decoded, uow: UnitOfWork) -> None:
-        structlog.contextvars.bind_contextvars(event_id=d.event.id, subject=d.event.subject)
+        # A call's events are keyed by its request id: the id people search the logs by.
+        ids = {"event_id": d.event.id, "event_type": d.event.type, "subject": d.event.subject}
+        if self.handlers.topic == CALLS.name:
+            ids["request_id"] = d.event.subject
+        structlog.contextvars.bind_contextvars(**ids)
         try:
             with span_from(d.event.traceparent, f"{self.group} {d.event.type}", SpanKind.CONSUMER):
                 await self.handlers.by_type[d.event.type](d.event, d.payload, uow)
         finally:
-            structlog.contextvars.unbind_contextvars("event_id", "subject")
+            structlog.contextvars.unbind_contextvars(*ids)
 
     async def _apply_one_by_one(self, batch: list[Decoded]) -> None:
         for d in batch:
@@ -338,4 +358,16 @@ class BatchApplier:
         )
         ce_type = (_header(record, "ce_type") or b"?").decode(errors="replace")
         EVENTS_CONSUMED.labels(self.group, ce_type, "dead_lettered").inc()
-        log.error("event dead-lettered", group=self.group, offset=record.offset, error=error)
+        log.error(
+            "event dead-lettered",
+            group=self.group,
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            key=key,
+            event_type=ce_type,
+            trace_id=trace.decode(errors="replace")[3:35] if trace else None,
+            dead_letter_id=event.id,
+            attempts=attempts,
+            error=error,
+        )

@@ -20,7 +20,14 @@ def _add_trace_ids(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any
 
 
 def configure_logging(service: str, level: str = "INFO") -> None:
+    def add_service(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+        # A processor, not a context variable: lines from other threads (the trace exporter,
+        # a library's pool) carry it too.
+        event_dict.setdefault("service", service)
+        return event_dict
+
     shared: list[Any] = [
+        add_service,
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -48,7 +55,6 @@ def configure_logging(service: str, level: str = "INFO") -> None:
     root.setLevel(level.upper())
     for noisy in ("aiokafka", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    structlog.contextvars.bind_contextvars(service=service)
 
 
 def get_logger(name: str | None = None) -> Any:

@@ -79,6 +79,7 @@ class Service:
         self._on_stop: list[Worker] = []
         self._stop_requested = asyncio.Event()
         self.crash: BaseException | None = None
+        self.starting = ""  # the step `start` is at, for the line that says why it failed
         self._tasks: list[asyncio.Task[None]] = []
         self._checks: list[ReadinessCheck] = [self._db_ready, self._relay_ready]
         self._started = False
@@ -130,21 +131,26 @@ class Service:
     async def start(self) -> None:
         self._stopping = asyncio.Event()
         s = self.settings
+        self.starting = "migrating the database (POSTBACK_DATABASE_URL)"
         if s.migrate_on_start:
             await migrate(s.database_url, self.schema, self.package)
+        self.starting = "connecting to the database (POSTBACK_DATABASE_URL)"
         self.pool = await create_pool(
             s.database_url, self.schema, min_size=s.db_pool_min, max_size=s.db_pool_max
         )
+        self.starting = "connecting to the broker (POSTBACK_KAFKA_BOOTSTRAP)"
         self.producer = new_producer(s)
         await self.producer.start()
         self.relay = OutboxRelay(s.database_url, self.schema, self.producer)
         relay = asyncio.create_task(self.relay.run(), name="outbox-relay")
         relay.add_done_callback(self._worker_ended)
         self._tasks.append(relay)
+        self.starting = "starting the service's own parts"
         for fn in self._on_start:
             await fn()
         for handlers in self._handlers:
             self._subscribe(handlers)
+        self.starting = "joining consumer groups (POSTBACK_KAFKA_BOOTSTRAP)"
         # Groups join in parallel: each join waits on the broker's rebalance delay.
         await asyncio.gather(*(sub.start() for sub in self.subscriptions))
         for fn in (*self._workers, self._housekeeping):
@@ -233,7 +239,13 @@ class Service:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await self.start()
+        try:
+            await self.start()
+        except Exception as e:
+            # One line that says what could not be reached, not a traceback on stderr; the
+            # supervisor starts the process again.
+            log.critical("could not start", step=self.starting, error=repr(e))
+            raise SystemExit(1) from None
         tune_gc()
         config = uvicorn.Config(
             self.app,
@@ -277,7 +289,7 @@ class Service:
             return "database pool not open"
         try:
             async with self.pool.acquire(timeout=2) as conn:
-                await conn.fetchval("SELECT 1")
+                await conn.fetchval("SELECT 1", timeout=2)  # a stalled database: not ready
         except Exception as e:
             return f"database unavailable: {e.__class__.__name__}"
         return None

@@ -530,3 +530,18 @@ def test_new_ids_do_not_repeat_across_threads_or_a_fork():
     assert len(drawn) == 16_000 + 200
     # Their random bits, past the millisecond: ids drawn at different times differ anyway.
     assert len({h[13:] for h in drawn}) == len(drawn)
+
+
+def test_why_an_event_is_unreadable_is_said_without_quoting_it() -> None:
+    """A dead letter's error, logged and kept, must not carry the call's data."""
+    from postback_libs.consumer import _reason
+
+    raw = b'{"specversion": "1.0", "id": "e", "source": "s", "type": "call.routed",'
+    raw += b' "subject": "r", "time": "2025-01-01T00:00:00Z", "data": {"secret-result": 1}}'
+    event = CloudEvent.from_bytes(raw)
+    try:
+        event.payload()
+    except ValidationError as e:
+        said = _reason(e)
+    assert "request_id: Field required" in said
+    assert "secret-result" not in said

@@ -1,5 +1,6 @@
 """The settings model refuses what would break a service later, with a message naming the fix."""
 
+import json
 import os
 import subprocess
 import sys
@@ -56,3 +57,18 @@ def test_a_service_with_bad_configuration_says_what_to_fix(env: dict[str, str], 
     assert result.returncode == 2
     assert f"invalid configuration: {says}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_service_that_cannot_reach_its_database_says_so_in_one_line() -> None:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("POSTBACK_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "postback", "run", "routing"],
+        env={**clean, "POSTBACK_DATABASE_URL": "postgresql://postback@127.0.0.1:1/postback"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    [line] = [json.loads(x) for x in result.stdout.splitlines() if "could not start" in x]
+    assert "POSTBACK_DATABASE_URL" in line["step"] and line["service"] == "routing"
+    assert "Traceback" not in result.stderr + result.stdout

@@ -169,7 +169,10 @@ class BatchApplier:
         self._group_bytes = self.group.encode()
         self.stopping = False
         self.events_behind = 0
-        self.seconds_behind = 0.0
+        self.seconds_behind = 0.0  # as measured when the last batch was written
+        self._writing_since: float | None = None
+        # Read at each scrape: a batch stuck in its transaction shows while it is stuck.
+        SECONDS_BEHIND.labels(self.group, handlers.topic).set_function(self.lag_seconds)
         self._behind: dict[int, int] = {}
         # Per partition, the log time of the last record applied: how far behind the group is
         # is its lagging partition's, not its freshest one's.
@@ -217,6 +220,7 @@ class BatchApplier:
         if not decoded:
             return
         started = time.perf_counter()
+        self._writing_since = time.monotonic()
         try:
             await self._apply_in_one_transaction(decoded)
         except UNAVAILABLE:
@@ -229,7 +233,17 @@ class BatchApplier:
                 error=repr(e),
             )
             await self._apply_one_by_one(decoded)
+        finally:
+            self._writing_since = None
         HANDLER_SECONDS.labels(self.group).observe(time.perf_counter() - started)
+
+    def lag_seconds(self) -> float:
+        """How far behind the group is: the lag measured with the last batch written, or, if
+        longer, how long the batch in hand has been writing (the database may be stalled and
+        nothing be measured meanwhile)."""
+        writing = self._writing_since
+        stuck = time.monotonic() - writing if writing is not None else 0.0
+        return max(self.seconds_behind, stuck)
 
     def note_lag(self, records: Sequence[ConsumerRecord[bytes, bytes]], consumer: Any) -> None:
         """Events and seconds between the last record applied and the end of its partitions."""
@@ -255,7 +269,6 @@ class BatchApplier:
         ]
         self.seconds_behind = max(0.0, time.time() - min(lagging)) if lagging else 0.0
         CONSUMER_LAG.labels(self.group, self.handlers.topic).set(self.events_behind)
-        SECONDS_BEHIND.labels(self.group, self.handlers.topic).set(self.seconds_behind)
 
     async def _apply_in_one_transaction(self, batch: list[Decoded]) -> None:
         async with self.pool.acquire() as conn, conn.transaction():

@@ -43,3 +43,28 @@ def test_caught_up_is_no_time_behind_and_a_revoked_partition_is_forgotten():
     applier.note_lag([record(0, 9, 3600), record(1, 99, 1)], Consumer({0: 50_000, 1: 100}))
     applier.note_lag([record(1, 199, 1)], Consumer({1: 200}))  # partition 0 went elsewhere
     assert (applier.events_behind, applier.seconds_behind) == (0, 0.0)
+
+
+async def test_a_batch_stuck_in_its_transaction_shows_as_lag_while_it_is_stuck():
+    """With the database stalled nothing is measured; the batch's wait is the lag."""
+    import asyncio
+
+    from prometheus_client import REGISTRY
+
+    stalled = asyncio.Event()
+
+    class Stalled(BatchApplier):
+        async def _apply_in_one_transaction(self, batch):  # type: ignore[override]
+            await stalled.wait()
+
+    applier = Stalled(Handlers("stuck", TOPIC), None, Settings(), "t", None)  # type: ignore[arg-type]
+    writing = asyncio.create_task(applier.write([object()]))  # type: ignore[list-item]
+    await asyncio.sleep(0.3)
+    assert applier.lag_seconds() >= 0.3
+    scraped = REGISTRY.get_sample_value(
+        "postback_consumer_lag_seconds", {"group": "stuck", "topic": TOPIC}
+    )
+    assert scraped is not None and scraped >= 0.3
+    stalled.set()
+    await writing
+    assert applier.lag_seconds() == 0.0

@@ -53,7 +53,7 @@ def build(settings: Settings) -> Service:
 
     @service.readiness
     async def caught_up() -> str | None:
-        behind = max((a.seconds_behind for a in service.appliers), default=0.0)
+        behind = max((a.lag_seconds() for a in service.appliers), default=0.0)
         if behind > settings.projection_max_lag_seconds:
             events = sum(a.events_behind for a in service.appliers)
             return f"read model {behind:.0f} s ({events} events) behind the topics"

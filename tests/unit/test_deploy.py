@@ -330,7 +330,9 @@ def test_production_render_uses_strimzi_keda_and_routes_callbacks() -> None:
         for p in rule["http"]["paths"]
     }
     assert paths["/v1/callbacks"].endswith("-owner-adapter")
-    assert paths["/"].endswith("-ingress")
+    assert paths["/v1"].endswith("-ingress") and paths["/api"].endswith("-ingress")
+    # Metrics and probes stay inside the cluster: no path of the Ingress reaches them.
+    assert "/" not in paths and not {"/metrics", "/healthz", "/readyz"} & set(paths)
 
 
 def test_strimzi_topics_match_the_application_topic_table() -> None:

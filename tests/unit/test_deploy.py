@@ -376,6 +376,7 @@ def test_rendered_manifests_are_not_stale(rendered: str, extra: tuple[str, ...])
         ("services.routing.replicas=-1", "/services/routing/replicas"),
         ("services.delivery.autoscaling.maxReplicas=13", "cannot use more members than partitions"),
         ("secrets.existingSecret=", "set secrets.existingSecret"),
+        ("kafka.topics.calls.partitions=48", "applies to Strimzi KafkaTopics only"),
         ("secrets.existingSecret=,secrets.secretKey=short", "at least 32 characters"),
     ],
 )

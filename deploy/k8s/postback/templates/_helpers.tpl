@@ -221,6 +221,13 @@ true
 {{/* Checks that fail the render with a clear message. */}}
 {{- define "postback.validate" -}}
 {{- $root := . -}}
+{{- if not .Values.kafka.strimzi.enabled -}}
+{{- range $topic, $t := .Values.kafka.topics -}}
+{{- if not (kindIs "invalid" $t.partitions) -}}
+{{- fail (printf "kafka.topics.%s.partitions applies to Strimzi KafkaTopics only: without kafka.strimzi.enabled the topics Job gives every topic kafka.partitions; set that instead" $topic) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- /* The consumer groups read calls, deliveries and the ledger (the DLQ is for operators;
        compacted topics are followed by every replica): the smallest of them caps replicas. */ -}}
 {{- $partitions := int (include "postback.topicPartitions" (dict "root" $ "topic" "calls")) -}}

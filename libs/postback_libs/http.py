@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.telemetry import TelemetryConfig
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -122,6 +123,38 @@ def _clean_url(scope: Scope) -> bool:
     return True
 
 
+class FieldError(BaseModel):
+    location: str = Field(description="Where in the request, e.g. `body.webhook_url`.")
+    message: str
+
+
+class ProblemDetails(BaseModel):
+    """Every error answer (RFC 9457, `application/problem+json`)."""
+
+    type: str = Field(description="Stable: `urn:postback:problem:<slug>`; branch on this.")
+    title: str
+    status: int
+    detail: str | None = Field(None, description="What went wrong with this request.")
+    instance: str | None = Field(None, description="The path of the request.")
+    errors: list[FieldError] | None = Field(None, description="Each invalid field (422).")
+
+
+# Declared on every route: an error is always a problem, whatever the route documents itself
+# (FastAPI would otherwise document its own 422 shape, which is never sent).
+PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {
+        "model": ProblemDetails,
+        "content": {"application/problem+json": {}},
+        "description": description,
+    }
+    for status, description in (
+        ("4XX", "A problem with the request; `type` says which."),
+        (422, "The request is not valid; `errors` lists each field."),
+        ("5XX", "A problem on Postback's side; try again later."),
+    )
+}
+
+
 def _query_carries_token(scope: MutableMapping[str, Any]) -> bool:
     return b"token=" in scope.get("query_string", b"")
 
@@ -141,8 +174,23 @@ class App(FastAPI):
         # place for it. Such requests keep the span of `TraceRequests`, which records no URL.
         telemetry: TelemetryConfig = {"exclude": _query_carries_token}
         telemetry.update(kwargs.pop("telemetry", {}))
-        super().__init__(telemetry=telemetry, **kwargs)
+        responses = {**PROBLEM_RESPONSES, **kwargs.pop("responses", {})}
+        super().__init__(telemetry=telemetry, responses=responses, **kwargs)
         self.direct_routes: dict[tuple[str, str], ASGIApp] = {}
+
+    def openapi(self) -> dict[str, Any]:
+        """FastAPI's document, with each problem described under the media type it is sent
+        as (`application/problem+json`), not `application/json`."""
+        schema = self.openapi_schema
+        if schema is None:
+            schema = super().openapi()
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    for response in operation.get("responses", {}).values():
+                        content = response.get("content", {})
+                        if "application/problem+json" in content and "application/json" in content:
+                            content["application/problem+json"] = content.pop("application/json")
+        return schema
 
     def direct(self, method: str, path: str, handler: ASGIApp) -> None:
         self.direct_routes[(method, path)] = handler

@@ -79,6 +79,7 @@ async def test_endpoint_crud_is_owned_by_the_account_and_errors_are_problems(set
             "window_seconds": None,
         }
         assert created["fifo"] is True and created["enabled"] is True
+        assert not {"max_attempts", "retry_window_seconds", "retry_schedule"} & set(created)
 
         got = (await http.get(f"/v1/webhooks/{ep}", headers=bearer(alice))).json()
         assert "secret" not in got  # shown on creation and rotation only

@@ -72,3 +72,22 @@ def test_openapi_documents_the_public_calls():
         assert path in doc["paths"], path
     callbacks = json.loads((SCHEMAS / "openapi-callbacks.json").read_text())
     assert "/v1/callbacks/{request_id}" in callbacks["paths"]
+
+
+def test_the_openapi_document_describes_errors_as_they_are_sent() -> None:
+    """Every error is application/problem+json with a stable type; FastAPI's own 422 shape
+    (`detail: [{loc, msg}]`) is never sent, so it is never documented."""
+    from postback.schemas import openapi_documents
+
+    for name, doc in openapi_documents().items():
+        assert "HTTPValidationError" not in json.dumps(doc), name
+        for path, operations in doc["paths"].items():
+            for method, operation in operations.items():
+                for status in ("4XX", "422"):
+                    response = operation["responses"].get(status)
+                    if response is None:
+                        assert status == "422", (name, path, method)
+                        continue
+                    assert list(response["content"]) == ["application/problem+json"]
+        problem = doc["components"]["schemas"]["ProblemDetails"]
+        assert {"type", "title", "status"} <= set(problem["required"])

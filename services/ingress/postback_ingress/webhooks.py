@@ -121,7 +121,11 @@ class Rotation(Input):
 
 
 def view(state: EndpointState, row: Any = None) -> dict[str, Any]:
-    out = state.model_dump(mode="json", exclude={"retired_secrets", "retry_schedule"})
+    # The retry fields are shown once, as the `retry_policy` they are set with.
+    out = state.model_dump(
+        mode="json",
+        exclude={"retired_secrets", "retry_schedule", "max_attempts", "retry_window_seconds"},
+    )
     out["retry_policy"] = {
         "schedule": state.retry_schedule,
         "max_attempts": state.max_attempts,

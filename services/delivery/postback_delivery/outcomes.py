@@ -119,7 +119,9 @@ def messages_for(
     if isinstance(final, CallSettled):
         settled_to = pick(endpoints, "call.settled")
         if settled_to:
-            data = {"request_id": rid, "api": ctx.api, "api_id": api_id, "cost": final.amount}
+            data = {"request_id": rid, "api": ctx.api, "cost": final.amount}
+            if api_id is not None:
+                data["api_id"] = api_id
             body = domain.webhook_body("call.settled", event.time, data)
             msg_id = f"msg_{derived_id(event.id, 'webhook:call.settled').hex}"
             out.append((Message(msg_id, ctx.consumer_id, "call.settled", body, rid), settled_to))

@@ -39,7 +39,7 @@ CREATE TABLE IF NOT EXISTS inbox (
 # The database away for now (a restart, a failover, no connection to spare): wait and try
 # again, never a reason to give up on an event. Anything else a statement raises is about
 # what it was asked.
-UNAVAILABLE: tuple[type[BaseException], ...] = (
+UNAVAILABLE: tuple[type[Exception], ...] = (
     OSError,  # TimeoutError and ConnectionError among them
     asyncpg.InterfaceError,
     asyncpg.PostgresConnectionError,  # SQLSTATE class 08

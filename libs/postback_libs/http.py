@@ -17,6 +17,8 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from postback_libs.db import UNAVAILABLE
+
 PROBLEM_JSON = "application/problem+json"
 
 
@@ -241,6 +243,21 @@ def install_problem_handlers(app: FastAPI) -> None:
         detail = exc.detail if isinstance(exc.detail, str) and exc.detail != title else ""
         return Problem(exc.status_code, slug, title, detail).response(request.url.path)
 
+    async def on_unavailable(request: Request, exc: Exception) -> Response:
+        # The database away for a moment (a restart, a failover, no connection to spare): the
+        # client may try again, and is told so, rather than getting a 500.
+        from postback_libs.logging import get_logger
+
+        get_logger(__name__).warning("database unavailable", path=request.url.path, error=repr(exc))
+        problem = Problem(
+            503,
+            "service-unavailable",
+            "Service unavailable",
+            "the database is unavailable for a moment; try again shortly",
+        )
+        problem.headers["Retry-After"] = "1"
+        return problem.response(request.url.path)
+
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         # The stack trace goes to the log, never to the client.
         from postback_libs.logging import get_logger
@@ -251,6 +268,8 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Problem, on_problem)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
+    for unavailable in UNAVAILABLE:
+        app.add_exception_handler(unavailable, on_unavailable)
     app.add_exception_handler(Exception, on_unexpected)
 
 

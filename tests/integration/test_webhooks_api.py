@@ -14,6 +14,14 @@ from svix.webhooks import Webhook as SvixWebhook
 
 from postback_delivery.app import build as delivery
 from postback_ingress.app import build as ingress
+from postback_ingress.webhook_models import (
+    EndpointPage,
+    EndpointView,
+    EndpointWithSecret,
+    EventTypeList,
+    Rotated,
+    SentTestMessage,
+)
 from postback_libs.events import CallCompleted, CallSettled
 from postback_libs.webhooks import verify_asymmetric
 from postback_projection.app import build as projection
@@ -70,6 +78,7 @@ async def test_endpoint_crud_is_owned_by_the_account_and_errors_are_problems(set
         )
         assert r.status_code == 201, r.text
         created = r.json()
+        EndpointWithSecret.model_validate(created)  # the answer is what the document says
         ep = created["endpoint_id"]
         assert created["secret"].startswith("whsec_")
         assert created["event_types"] == ["call.*", "balance.low"]
@@ -82,9 +91,11 @@ async def test_endpoint_crud_is_owned_by_the_account_and_errors_are_problems(set
         assert not {"max_attempts", "retry_window_seconds", "retry_schedule"} & set(created)
 
         got = (await http.get(f"/v1/webhooks/{ep}", headers=bearer(alice))).json()
+        EndpointView.model_validate(got)
         assert "secret" not in got  # shown on creation and rotation only
         assert got["metadata"] == {"team": "billing"} and got["rate_limit_per_second"] == 20
         listed = (await http.get("/v1/webhooks", headers=bearer(alice))).json()
+        EndpointPage.model_validate(listed)
         assert [e["endpoint_id"] for e in listed["data"]] == [ep]
         assert (await http.get("/v1/webhooks", headers=bearer(bob))).json()["data"] == []
         problem(
@@ -98,6 +109,7 @@ async def test_endpoint_crud_is_owned_by_the_account_and_errors_are_problems(set
         )
         assert r.status_code == 200, r.text
         patched = r.json()
+        EndpointView.model_validate(patched)
         assert patched["enabled"] is False and patched["rate_limit_per_second"] is None
         assert patched["description"] == "paused" and patched["fifo"] is True
         assert patched["revision"] == 2
@@ -169,6 +181,7 @@ async def test_endpoint_crud_is_owned_by_the_account_and_errors_are_problems(set
             "validation-error",
         )
         types = (await http.get("/v1/webhooks/event-types", headers=bearer(alice))).json()
+        EventTypeList.model_validate(types)
         assert {"call.completed", "balance.low", "endpoint.disabled"} <= {
             t["type"] for t in types["data"]
         }
@@ -204,6 +217,7 @@ async def test_test_message_rotation_and_attempt_log(settings):
         r = await http.post(f"/v1/webhooks/{ep}/test", headers=bearer(alice))
         assert r.status_code == 200, r.text
         outcome = r.json()
+        SentTestMessage.model_validate(outcome)
         assert outcome["success"] is True and outcome["status_code"] == 200
         assert outcome["response_excerpt"] == '{"ok":true}'
         assert outcome["response_headers"]["X-Seen"] == "1"
@@ -219,6 +233,7 @@ async def test_test_message_rotation_and_attempt_log(settings):
         )
         assert r.status_code == 200, r.text
         rotated = r.json()
+        Rotated.model_validate(rotated)
         assert rotated["secret"] != secret and rotated["secret_version"] == 2
         r = await http.post(f"/v1/webhooks/{ep}/test", headers=bearer(alice))
         assert r.json() | {"latency_ms": 0} == {

@@ -9,14 +9,26 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import aiohttp
 from fastapi import APIRouter, Query, Request, Response
-from pydantic import AfterValidator, AnyHttpUrl, Field, model_validator
 
 from postback_ingress.auth import Caller, authenticate
-from postback_ingress.models import Input
+from postback_ingress.webhook_models import (
+    EndpointCreate,
+    EndpointPage,
+    EndpointUpdate,
+    EndpointView,
+    EndpointWithSecret,
+    EventTypeList,
+    RetryPolicy,
+    Rotated,
+    Rotation,
+    SentTestMessage,
+    documented,
+    view,
+)
 from postback_libs.consumer import Handlers
 from postback_libs.events import (
     DELIVERIES,
@@ -36,7 +48,6 @@ from postback_libs.ids import uuid7_hex
 from postback_libs.outbound import AddressPolicy, guarded_session
 from postback_libs.outbox import UnitOfWork
 from postback_libs.runtime import Service
-from postback_libs.settings import MAX_RETRY_DELAY_SECONDS
 from postback_libs.webhooks import (
     SUBSCRIBABLE_EVENTS,
     TEST_EVENT,
@@ -51,93 +62,6 @@ from postback_libs.webhooks import (
 
 USER_AGENT = "Postback/0.1.0"
 MAX_ENDPOINTS_PER_ACCOUNT = 100
-
-
-class RetryPolicy(Input):
-    schedule: list[Annotated[float, Field(ge=0, le=MAX_RETRY_DELAY_SECONDS)]] | None = Field(
-        None, min_length=1, max_length=30, description="Seconds before each attempt."
-    )
-    max_attempts: int | None = Field(None, ge=1, le=100)
-    window_seconds: int | None = Field(None, ge=1, le=30 * 86400)
-
-
-def _unique(patterns: list[str]) -> list[str]:
-    return list(dict.fromkeys(patterns))
-
-
-# Event types an endpoint subscribes to, each once, in the order given.
-EventTypes = Annotated[list[str], AfterValidator(_unique)]
-
-
-class EndpointFields(Input):
-    description: str = Field("", max_length=1000)
-    event_types: EventTypes = Field(
-        default_factory=lambda: ["call.*"],
-        min_length=1,
-        max_length=50,
-        description="Names (`call.completed`) or wildcards (`call.*`, `*`).",
-    )
-    enabled: bool = True
-    rate_limit_per_second: int | None = Field(None, ge=1, le=10_000)
-    max_in_flight: int | None = Field(None, ge=1, le=1000)
-    fifo: bool = Field(False, description="Deliver in order, one message at a time.")
-    retry_policy: RetryPolicy | None = None
-    metadata: dict[str, str] = Field(default_factory=dict, max_length=50)
-
-
-class EndpointCreate(EndpointFields):
-    url: AnyHttpUrl
-    signing: Literal["symmetric", "asymmetric"] = Field(
-        "symmetric", description="`v1` HMAC with a whsec_ secret, or `v1a` Ed25519 (whpk_ key)."
-    )
-
-
-class EndpointUpdate(Input):
-    """Fields to change; null clears the rate limit, the cap and the retry policy (the other
-    fields can only be changed)."""
-
-    url: AnyHttpUrl | None = None
-    description: str | None = Field(None, max_length=1000)
-    event_types: EventTypes | None = Field(None, min_length=1, max_length=50)
-    enabled: bool | None = None
-    rate_limit_per_second: int | None = Field(None, ge=1, le=10_000)
-    max_in_flight: int | None = Field(None, ge=1, le=1000)
-    fifo: bool | None = None
-    retry_policy: RetryPolicy | None = None
-    metadata: dict[str, str] | None = Field(None, max_length=50)
-
-    @model_validator(mode="after")
-    def _kept_fields_stay_set(self) -> EndpointUpdate:
-        for name in ("url", "description", "event_types", "enabled", "fifo", "metadata"):
-            if name in self.model_fields_set and getattr(self, name) is None:
-                raise ValueError(f"{name} cannot be null, only changed")
-        return self
-
-
-class Rotation(Input):
-    overlap_seconds: int | None = Field(
-        None, ge=0, le=7 * 86400, description="How long the old secret keeps signing."
-    )
-
-
-def view(state: EndpointState, row: Any = None) -> dict[str, Any]:
-    # The retry fields are shown once, as the `retry_policy` they are set with.
-    out = state.model_dump(
-        mode="json",
-        exclude={"retired_secrets", "retry_schedule", "max_attempts", "retry_window_seconds"},
-    )
-    out["retry_policy"] = {
-        "schedule": state.retry_schedule,
-        "max_attempts": state.max_attempts,
-        "window_seconds": state.retry_window_seconds,
-    }
-    out["secret_rotation_ends_at"] = max(
-        (r.valid_until.isoformat() for r in state.retired_secrets), default=None
-    )
-    if row is not None:
-        out["created_at"] = row["created_at"].isoformat()
-        out["updated_at"] = row["updated_at"].isoformat()
-    return out
 
 
 def _policy_fields(policy: RetryPolicy | None) -> dict[str, Any]:
@@ -196,12 +120,12 @@ def router(service: Service) -> APIRouter:
         uow.emit(change(endpoint=state, **extra))
         return updated_at
 
-    @api.get("/v1/webhooks/event-types")
+    @api.get("/v1/webhooks/event-types", **documented(EventTypeList))
     async def event_types() -> dict[str, Any]:
         """The event types an endpoint can subscribe to (names, `prefix.*` or `*`)."""
         return {"data": [{"type": t, "description": d} for t, d in SUBSCRIBABLE_EVENTS.items()]}
 
-    @api.post("/v1/webhooks", status_code=201)
+    @api.post("/v1/webhooks", status_code=201, **documented(EndpointWithSecret, 201))
     async def create_endpoint(body: EndpointCreate, request: Request) -> dict[str, Any]:
         """Subscribe an endpoint. The secret (or public key) is shown here and on rotation."""
         caller = await authenticate(service.pool, request)
@@ -237,7 +161,7 @@ def router(service: Service) -> APIRouter:
             uow.emit(EndpointCreated(endpoint=state))
         return view(state, row) | secrets_of(state)
 
-    @api.get("/v1/webhooks")
+    @api.get("/v1/webhooks", **documented(EndpointPage))
     async def list_endpoints(
         request: Request,
         limit: int = Query(50, ge=1, le=100),
@@ -258,13 +182,13 @@ def router(service: Service) -> APIRouter:
             "next_cursor": page[-1]["endpoint_id"] if len(rows) > limit else None,
         }
 
-    @api.get("/v1/webhooks/{endpoint_id}")
+    @api.get("/v1/webhooks/{endpoint_id}", **documented(EndpointView))
     async def get_endpoint(endpoint_id: str, request: Request) -> dict[str, Any]:
         caller = await authenticate(service.pool, request)
         row = await load(caller, endpoint_id)
         return view(EndpointState.model_validate_json(row["state"]), row)
 
-    @api.patch("/v1/webhooks/{endpoint_id}")
+    @api.patch("/v1/webhooks/{endpoint_id}", **documented(EndpointView))
     async def update_endpoint(
         endpoint_id: str, body: EndpointUpdate, request: Request
     ) -> dict[str, Any]:
@@ -303,7 +227,7 @@ def router(service: Service) -> APIRouter:
             await save(uow, state, EndpointDeleted)
         return Response(status_code=204)
 
-    @api.post("/v1/webhooks/{endpoint_id}/rotate-secret")
+    @api.post("/v1/webhooks/{endpoint_id}/rotate-secret", **documented(Rotated))
     async def rotate_secret(
         endpoint_id: str, request: Request, body: Rotation | None = None
     ) -> dict[str, Any]:
@@ -342,7 +266,7 @@ def router(service: Service) -> APIRouter:
             "previous_secret_valid_until": until.isoformat() if overlap > 0 else None,
         } | secrets_of(state)
 
-    @api.post("/v1/webhooks/{endpoint_id}/test")
+    @api.post("/v1/webhooks/{endpoint_id}/test", **documented(SentTestMessage))
     async def send_test(endpoint_id: str, request: Request) -> dict[str, Any]:
         """Send a `webhook.test` message with an empty payload, once, never retried, and
         answer with what the endpoint did. The attempt is also kept in its history."""

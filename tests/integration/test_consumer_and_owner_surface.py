@@ -142,6 +142,15 @@ async def test_catalog_update_retire_and_search(settings):
         assert r.json()["type"] == "urn:postback:problem:slug-taken"
         r = await http.patch("/v1/apis/weather", headers=bearer(owner), json={"price": -1})
         assert r.status_code == 422
+        # The platform's fee is the operator's to set, never the owner's.
+        r = await http.patch("/v1/apis/weather", headers=bearer(owner), json={"fee_bps": 0})
+        assert r.status_code == 422
+        r = await http.put("/v1/apis/weather/fee", headers=bearer(owner), json={"fee_bps": 0})
+        assert r.status_code == 401
+        r = await http.put("/v1/apis/weather/fee", headers=OPERATOR, json={"fee_bps": 250})
+        assert r.status_code == 200 and r.json()["fee_bps"] == 250
+        mine = (await http.get("/v1/apis/weather", headers=bearer(owner))).json()
+        assert mine["fee_bps"] == 250 and mine["version"] == 3
         r = await http.delete("/v1/apis/weather", headers=bearer(owner))
         assert r.json()["status"] == "retired"
         assert (await http.get("/v1/apis/weather")).json()["status"] == "retired"

@@ -9,8 +9,14 @@ from typing import Any, Literal
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
-from postback_ingress.auth import Caller, authenticate, has_credentials, require_role
-from postback_ingress.models import ApiCreate, ApiRegisteredView, ApiUpdate
+from postback_ingress.auth import (
+    Caller,
+    authenticate,
+    has_credentials,
+    require_operator,
+    require_role,
+)
+from postback_ingress.models import ApiCreate, ApiFee, ApiRegisteredView, ApiUpdate
 from postback_ingress.paging import decode_cursor, encode_cursor
 from postback_libs.events import ApiRegistered, ApiRetired, ApiState, ApiUpdated
 from postback_libs.http import Problem
@@ -117,6 +123,20 @@ def router(service: Service) -> APIRouter:
         state = ApiState.model_validate(
             {**current.model_dump(mode="json"), **changes, "version": current.version + 1}
         )
+        await save(state, ApiUpdated)
+        return JSONResponse(state.model_dump(mode="json"))
+
+    @api.put("/v1/apis/{ref}/fee")
+    async def set_fee(ref: str, body: ApiFee, request: Request) -> JSONResponse:
+        """Set the platform's fee on one API (operator); calls in flight keep theirs."""
+        require_operator(request, service.settings.operator_token.get_secret_value())
+        row = await service.pool.fetchrow(
+            "SELECT state FROM apis WHERE api_id = $1 OR slug = $1", ref
+        )
+        if row is None:
+            raise Problem(404, "api-not-found", "API not found", f"no API {ref!r}")
+        current = ApiState.model_validate_json(row["state"])
+        state = current.model_copy(update={"fee_bps": body.fee_bps, "version": current.version + 1})
         await save(state, ApiUpdated)
         return JSONResponse(state.model_dump(mode="json"))
 

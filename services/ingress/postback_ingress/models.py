@@ -161,7 +161,6 @@ class ApiFields(Input):
     )
     path_prefixes: list[str] = Field(default_factory=lambda: ["/"], min_length=1)
     price: int = Field(0, ge=0, le=MAX_MONEY, description="Per call, in minor units.")
-    fee_bps: int | None = Field(None, ge=0, le=10000)
     delivery_mode: Literal["sync", "async"] = "sync"
     max_duration_seconds: int = Field(300, ge=1, le=86400)
     max_request_bytes: int = Field(262_144, ge=1, le=10_485_760)
@@ -189,6 +188,14 @@ class ApiUpdate(ApiFields):
             if name in self.model_fields_set and getattr(self, name) is None:
                 raise ValueError(f"{name} cannot be removed, only changed")
         return self
+
+
+class ApiFee(Input):
+    """The platform's share of one API's price: the operator's to set, never the owner's."""
+
+    fee_bps: int | None = Field(
+        ge=0, le=10000, description="Basis points of the price; null: the platform default."
+    )
 
 
 class ApiRegisteredView(BaseModel):

@@ -192,7 +192,7 @@ def guarded_session(
     policy: AddressPolicy,
     *,
     connect_timeout: float,
-    total_timeout: float,
+    total_timeout: float | None,
     limit: int = 100,
     user_agent: str,
 ) -> aiohttp.ClientSession:
@@ -203,7 +203,8 @@ def guarded_session(
     caller forget, each redirect hop still goes through the same guarded connector.
 
     `connect_timeout` bounds each TCP/TLS connect attempt; `total_timeout` the whole request
-    including DNS, waiting for a pooled connection and reading the response. Cookies are
+    including DNS, waiting for a pooled connection and reading the response (None: each
+    request sets its own). Cookies are
     never stored, so nothing one endpoint sets is sent back to it later.
     """
     connector = aiohttp.TCPConnector(

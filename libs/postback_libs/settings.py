@@ -108,7 +108,14 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(20.0, gt=0)
 
     # Owner-adapter
-    owner_timeout_seconds: float = Field(30.0, gt=0, description="Per-request HTTP timeout.")
+    owner_timeout_seconds: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "Longest a forwarded request may take before it is tried again; unset, a request "
+            "may take until the call's deadline (the API's max_duration_seconds)."
+        ),
+    )
     owner_max_attempts: int = Field(3, ge=1)
     default_max_duration_seconds: int = Field(300, ge=1)
     dispatch_concurrency: int = Field(64, ge=1)

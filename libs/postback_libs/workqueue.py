@@ -26,9 +26,12 @@ RECORDING_SECONDS = 10.0
 LEASE_MARGIN_SECONDS = 2.0
 
 
+LEASE_SLACK_SECONDS = CLAIM_WAIT_SECONDS + RECORDING_SECONDS + LEASE_MARGIN_SECONDS
+
+
 def lease_for(request_seconds: float) -> float:
     """The lease a claim takes for a request that may last `request_seconds`."""
-    return request_seconds + CLAIM_WAIT_SECONDS + RECORDING_SECONDS + LEASE_MARGIN_SECONDS
+    return request_seconds + LEASE_SLACK_SECONDS
 
 
 def fits_lease(lease_left: float, request_seconds: float) -> bool:

@@ -165,6 +165,22 @@ async def test_an_owner_that_keeps_failing_is_retried_then_the_call_fails(settin
     assert OWNER_REQUESTS.labels("retry")._value.get() == retried + settings.owner_max_attempts
 
 
+async def test_a_slow_sync_owner_is_waited_for_until_the_deadline_and_asked_once(settings):
+    """An owner takes as long as its API says calls may: no cap of Postback's own cuts the
+    request short, and no second request repeats the work."""
+    settings = settings.model_copy(update={"owner_timeout_seconds": None})
+    async with (
+        sleepy_owner(2.5) as owner,
+        TopicReader(settings, "postback.calls") as calls,
+        running(settings, owner_adapter),
+    ):
+        routed = await route_and_authorize(settings, f"{owner.url}/slow", deadline_in=30)
+        [completed] = await events_of(calls, "call.completed", routed.request_id, timeout=20)
+    assert completed.data["result"] == {"late": True}
+    assert len(owner.received) == 1
+    assert owner.received[0][1]["webhook-id"] == routed.request_id
+
+
 async def test_an_unreachable_owner_fails_the_call_without_naming_its_address(settings):
     """The consumer reads the failure's detail: it says what went wrong, not where."""
     port = free_port()  # nothing listens there

@@ -95,7 +95,7 @@ async def test_a_batch_claims_what_it_has_room_for_with_a_lease(pool, settings):
         for c in calls:
             intake.routed(uow, c)
             intake.moved(uow, c.request_id, "pending")
-        rows = await intake.write(uow, claim=2, lease_seconds=60)
+        rows = await intake.write(uow, claim=2, request_cap=40)
     assert sorted(r["status"] for r in rows) == ["dispatching", "dispatching", "pending"]
     stored = await pool.fetch(
         "SELECT status, attempts, lease_until > now() AS leased FROM dispatches"

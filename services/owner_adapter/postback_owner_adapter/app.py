@@ -48,7 +48,7 @@ from postback_libs.runtime import Service
 from postback_libs.settings import Settings
 from postback_libs.signing import derive_secret, webhook_headers
 from postback_libs.telemetry import continuing, current_traceparent
-from postback_libs.workqueue import WorkQueue, fits_lease, lease_for
+from postback_libs.workqueue import LEASE_SLACK_SECONDS, WorkQueue, fits_lease
 from postback_owner_adapter import domain, intake
 from postback_owner_adapter.outcomes import OutcomeWriter
 
@@ -79,8 +79,9 @@ WHERE request_id = $1 AND status = 'dispatching' AND attempts = $2
 def build(settings: Settings) -> Service:
     service = Service("owner-adapter", "postback_owner_adapter", settings)
     master = settings.master_key()
-    # A claimed dispatch's lease outlives its request's timeout: only a dead replica loses one.
-    lease_seconds = lease_for(settings.owner_timeout_seconds)
+    # A request may take until the call's deadline (or the operator's cap): a claimed
+    # dispatch's lease outlives it, so only a dead replica loses one (intake.write).
+    request_cap = settings.owner_timeout_seconds
     handlers = Handlers("owner-adapter", CALLS.name)
     session: dict[str, aiohttp.ClientSession] = {}
 
@@ -106,7 +107,7 @@ def build(settings: Settings) -> Service:
 
     async def write_intake(uow: UnitOfWork) -> None:
         room = settings.dispatch_concurrency - len(busy) - len(claimed)
-        rows = await intake.write(uow, claim=max(0, room), lease_seconds=lease_seconds)
+        rows = await intake.write(uow, claim=max(0, room), request_cap=request_cap)
         claiming[:] = [r for r in rows if r["status"] == "dispatching"]
 
     def intake_committed() -> None:
@@ -143,7 +144,7 @@ def build(settings: Settings) -> Service:
             callback_url=f"{settings.callback_url}/v1/callbacks/{rid}",
             token=token,
         )
-        msg_id = f"{rid}-{attempt}"
+        msg_id = rid  # the same message on every attempt: an owner may dedupe by it
         secret = derive_secret(master, "api", row["api_id"])
         headers = {
             **fwd.headers,
@@ -155,9 +156,9 @@ def build(settings: Settings) -> Service:
             headers.pop("content-type", None)
         dispatched = CallDispatched(request_id=rid, attempt=attempt, upstream_url=fwd.target)
         now = datetime.now(UTC)
-        total = max(
-            0.1, min(settings.owner_timeout_seconds, (row["deadline"] - now).total_seconds())
-        )
+        total = max(0.1, (row["deadline"] - now).total_seconds())
+        if request_cap is not None:
+            total = min(total, request_cap)
         if not fits_lease((row["lease_until"] - now).total_seconds(), total):
             # It waited for a slot so long that its lease could run out mid-request, and
             # another replica forward it too: handed back instead, due again at once.
@@ -276,7 +277,8 @@ def build(settings: Settings) -> Service:
             return rows
         rows = await service.pool.fetch(
             "UPDATE dispatches SET status = 'dispatching', attempts = attempts + 1,"
-            " lease_until = now() + make_interval(secs => $2), updated_at = now()"
+            " lease_until = least(deadline, now() + make_interval(secs => $2))"
+            "   + make_interval(secs => $3), updated_at = now()"
             " WHERE request_id IN (SELECT request_id FROM dispatches"
             "   WHERE ((status = 'pending' AND next_attempt_at <= now())"
             "      OR (status = 'dispatching' AND lease_until < now()))"
@@ -284,7 +286,8 @@ def build(settings: Settings) -> Service:
             "   ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED)"
             " RETURNING *",
             n,
-            lease_seconds,
+            request_cap,
+            LEASE_SLACK_SECONDS,
         )
         return rows
 

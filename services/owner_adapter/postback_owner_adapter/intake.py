@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from postback_libs.outbox import UnitOfWork
 from postback_libs.telemetry import current_traceparent
+from postback_libs.workqueue import LEASE_SLACK_SECONDS
 
 INSERT = """
 INSERT INTO dispatches (request_id, api_id, upstream_url, method, path, params, body, entry,
@@ -30,7 +31,8 @@ MOVE = """
 UPDATE dispatches d SET status = m.status, updated_at = now(),
     next_attempt_at = CASE WHEN m.status <> 'cancelled' THEN now() END,
     attempts = d.attempts + (m.status = 'dispatching')::int,
-    lease_until = CASE WHEN m.status = 'dispatching' THEN now() + make_interval(secs => $3) END
+    lease_until = CASE WHEN m.status = 'dispatching' THEN
+        least(d.deadline, now() + make_interval(secs => $3)) + make_interval(secs => $4) END
 FROM unnest($1::text[], $2::text[]) AS m(request_id, status)
 WHERE d.request_id = m.request_id AND d.status = 'routed'
 RETURNING d.*
@@ -90,9 +92,11 @@ def first_moves(g: Gathered, inserted: set[str]) -> list[tuple[str, Move]]:
     return out
 
 
-async def write(uow: UnitOfWork, *, claim: int = 0, lease_seconds: float = 60.0) -> list[Any]:
+async def write(uow: UnitOfWork, *, claim: int = 0, request_cap: float | None = None) -> list[Any]:
     """Write what the batch gathered, claiming up to `claim` of the calls it makes due; returns
-    the dispatches it made due, claimed ones with status 'dispatching'."""
+    the dispatches it made due, claimed ones with status 'dispatching'. A claim's lease lasts
+    as long as its request may (until the deadline, or `request_cap` seconds), and then
+    `LEASE_SLACK_SECONDS`."""
     g: Gathered | None = uow.scratch.pop("dispatches", None)
     if g is None:
         return []
@@ -108,5 +112,7 @@ async def write(uow: UnitOfWork, *, claim: int = 0, lease_seconds: float = 60.0)
         claimed = to == "pending" and claim > 0
         claim -= claimed
         statuses.append("dispatching" if claimed else to)
-    rows = await uow.conn.fetch(MOVE, [m[0] for m in moves], statuses, lease_seconds)
+    rows = await uow.conn.fetch(
+        MOVE, [m[0] for m in moves], statuses, request_cap, LEASE_SLACK_SECONDS
+    )
     return sorted((r for r in rows if r["status"] != "cancelled"), key=lambda r: r["request_id"])

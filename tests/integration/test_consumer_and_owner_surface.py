@@ -340,3 +340,23 @@ async def test_seed_compatible_entry_points_with_plain_clients(settings):
         )
         assert bad.status_code == 400
         assert bad.headers["content-type"] == "application/problem+json"
+
+
+async def test_only_the_current_key_rotates_and_a_leak_is_revoked_at_once(settings):
+    """Whoever holds a leaked previous key must not rotate the account's new key away."""
+    async with running(settings, ingress) as (svc,):
+        http = client(svc)
+        account = await create_account(http, ["consumer"])
+        rotated = (await http.post("/v1/accounts/me/keys/rotate", headers=bearer(account))).json()
+        r = await http.post("/v1/accounts/me/keys/rotate", headers=bearer(account))
+        assert r.status_code == 403
+        assert r.json()["type"] == "urn:postback:problem:current-key-required"
+        # The previous key still works for reading, until the owner revokes it.
+        assert (await http.get("/v1/accounts/me", headers=bearer(account))).status_code == 200
+        r = await http.post(
+            "/v1/accounts/me/keys/rotate", headers=bearer(rotated), json={"overlap_seconds": 0}
+        )
+        latest = r.json()
+        for old in (account, rotated):
+            assert (await http.get("/v1/accounts/me", headers=bearer(old))).status_code == 401
+        assert (await http.get("/v1/accounts/me", headers=bearer(latest))).status_code == 200

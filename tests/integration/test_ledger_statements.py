@@ -4,6 +4,8 @@ a cursor, and owners' earnings per API."""
 
 from __future__ import annotations
 
+import asyncio
+
 from postback_ingress.app import build as ingress
 from postback_libs.events import CallCompleted, CallFailed
 from postback_projection.app import build as projection
@@ -222,3 +224,42 @@ async def test_statements_page_through_every_transfer_and_owners_see_earnings_pe
 
 async def _is(value, expected) -> bool:
     return await value == expected
+
+
+async def test_an_operator_request_sent_twice_with_its_key_moves_money_once(settings):
+    """A credit or a correction retried after a timeout, or sent twice at once, is one."""
+    async with running(settings, ingress, settlement, projection) as [svc, *_]:
+        http = client(svc)
+        consumer = await create_account(http, ["consumer"])
+        owner = await create_account(http, ["owner"])
+        path = f"/v1/accounts/{consumer['account_id']}"
+        once = {**OPERATOR, "Idempotency-Key": "invoice-77"}
+        answers = await asyncio.gather(
+            *(http.post(f"{path}/credits", json={"amount": 500}, headers=once) for _ in range(3))
+        )
+        assert {r.status_code for r in answers} == {202}
+        assert len({r.json()["credit_id"] for r in answers}) == 1
+        again = await http.post(f"{path}/credits", json={"amount": 500}, headers=once)
+        assert again.json()["credit_id"] == answers[0].json()["credit_id"]
+        other = await http.post(f"{path}/credits", json={"amount": 900}, headers=once)
+        assert other.status_code == 422
+        assert other.json()["type"] == "urn:postback:problem:idempotency-key-reused"
+        fix = {**OPERATOR, "Idempotency-Key": "fix-1"}
+        for _ in range(2):
+            r = await http.post(
+                f"{path}/corrections", json={"role": "consumer", "amount": -100}, headers=fix
+            )
+            assert r.status_code == 202, r.text
+        await eventually(lambda: _settled_at(http, consumer, 400), what="one credit, one fix")
+        await asyncio.sleep(1)  # a second credit or correction would show by now
+        assert await balance(http, consumer) == (400, 0)
+        # An owner has no consumer balance: a credit would be money nobody can use.
+        r = await http.post(
+            f"/v1/accounts/{owner['account_id']}/credits", json={"amount": 5}, headers=OPERATOR
+        )
+        assert r.status_code == 422
+        assert r.json()["type"] == "urn:postback:problem:role-required"
+
+
+async def _settled_at(http, account, amount: int) -> bool:
+    return await balance(http, account) == (amount, 0)

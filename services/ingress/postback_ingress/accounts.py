@@ -8,7 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from postback_ingress.auth import authenticate, require_operator
+from postback_ingress.auth import authenticate, authenticate_current_key, require_operator
 from postback_ingress.models import (
     AccountCreate,
     AccountView,
@@ -16,9 +16,11 @@ from postback_ingress.models import (
     CreditAccepted,
     CreditCreate,
     KeyRotated,
+    KeyRotation,
     Suspension,
 )
 from postback_ingress.models import AccountCreated as AccountCreatedView
+from postback_ingress.operator_requests import once
 from postback_libs.events import (
     AccountCreated,
     AccountKeyRotated,
@@ -110,20 +112,40 @@ def router(service: Service) -> APIRouter:
         tags=["accounts"],
     )
     async def credit(account_id: str, body: CreditCreate, request: Request) -> CreditAccepted:
-        """Credit an account from operator funding (operator); settlement applies it."""
+        """Credit a consumer's balance from operator funding (operator); settlement applies
+        it. Sent again with the same `Idempotency-Key`, it is the same credit."""
         operator(request)
-        if (
-            await service.pool.fetchval("SELECT 1 FROM accounts WHERE account_id = $1", account_id)
-            is None
-        ):
+        roles = await service.pool.fetchval(
+            "SELECT roles FROM accounts WHERE account_id = $1", account_id
+        )
+        if roles is None:
             raise Problem(404, "account-not-found", "Account not found", f"no account {account_id}")
-        credit_id = f"cr_{uuid7_hex()}"
-        async with service.unit_of_work() as uow:
-            uow.emit(
-                CreditRequested(
-                    credit_id=credit_id, account_id=account_id, amount=body.amount, note=body.note
-                )
+        if "consumer" not in roles:  # the money would land on a balance nobody can use
+            raise Problem(
+                422,
+                "role-required",
+                "The account is not a consumer",
+                f"account {account_id} has no consumer balance to credit; correct an owner's "
+                "balance with /corrections",
             )
+        async with service.unit_of_work() as uow:
+            credit_id, new = await once(
+                uow.conn,
+                "credit",
+                account_id,
+                request.headers.get("idempotency-key"),
+                body,
+                f"cr_{uuid7_hex()}",
+            )
+            if new:
+                uow.emit(
+                    CreditRequested(
+                        credit_id=credit_id,
+                        account_id=account_id,
+                        amount=body.amount,
+                        note=body.note,
+                    )
+                )
         return CreditAccepted(credit_id=credit_id, account_id=account_id, amount=body.amount)
 
     async def account_state(conn: Any, account_id: str) -> AccountState:
@@ -137,12 +159,16 @@ def router(service: Service) -> APIRouter:
         return AccountState(**dict(row))
 
     @api.post("/v1/accounts/me/keys/rotate", response_model=KeyRotated, tags=["accounts"])
-    async def rotate_key(request: Request) -> KeyRotated:
-        """A new secret, shown once; the previous one keeps working for the overlap period so
-        clients can switch without downtime."""
-        caller = await authenticate(service.pool, request)
+    async def rotate_key(request: Request, body: KeyRotation | None = None) -> KeyRotated:
+        """A new secret, shown once; the previous one keeps working for the overlap so clients
+        can switch without downtime (`overlap_seconds: 0` revokes it at once). Only the current
+        key may rotate."""
+        caller = await authenticate_current_key(service.pool, request)
         key_id, secret, key_hash = new_key()
-        valid_until = datetime.now(UTC) + timedelta(seconds=settings.key_rotation_overlap_seconds)
+        overlap = settings.key_rotation_overlap_seconds
+        if body is not None and body.overlap_seconds is not None:
+            overlap = body.overlap_seconds
+        valid_until = datetime.now(UTC) + timedelta(seconds=overlap)
         async with service.unit_of_work() as uow:
             current = await account_state(uow.conn, caller.account_id)
             await uow.conn.execute(

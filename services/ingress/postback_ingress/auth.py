@@ -97,6 +97,24 @@ async def authenticate(pool: Any, request: Request) -> Caller:
     return _verified(await _stored_key(pool, key_id), secret)
 
 
+async def authenticate_current_key(pool: Any, request: Request) -> Caller:
+    """The caller, by its current key only. A previous key still honoured for a rotation's
+    overlap must not rotate again: whoever leaked it would take the account's new key over."""
+    key_id, secret = _presented_key(request.headers)
+    stored = await _stored_key(pool, key_id)
+    caller = _verified(stored, secret)
+    assert stored is not None
+    if stored.valid_until is not None:
+        raise Problem(
+            403,
+            "current-key-required",
+            "The current key is required",
+            "this is the account's previous key, honoured only until its overlap ends; use "
+            "the current one",
+        )
+    return caller
+
+
 class KeyCache:
     """Accounts by key id for the call-accepting hot path, kept `ttl` seconds, so accepting a
     call does not read the account per request.

@@ -123,6 +123,16 @@ class AccountView(BaseModel):
     )
 
 
+class KeyRotation(Input):
+    overlap_seconds: int | None = Field(
+        None,
+        ge=0,
+        le=30 * 86400,
+        description="How long the previous key keeps working (0: revoked at once, after a "
+        "leak); the configured overlap when absent.",
+    )
+
+
 class KeyRotated(BaseModel):
     secret: str = Field(description="Shown once.")
     previous_key_valid_until: datetime

@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field, StrictInt, field_validator
 
 from postback_ingress.auth import authenticate, require_operator, require_role
 from postback_ingress.models import Input, Instant
+from postback_ingress.operator_requests import once
 from postback_ingress.paging import decode_cursor, encode_cursor
 from postback_libs.events import MAX_MONEY, CorrectionRequested
 from postback_libs.http import Problem
@@ -172,7 +173,8 @@ def router(service: Service) -> APIRouter:
     ) -> CorrectionView:
         """Correct a balance by a signed amount (operator). Settlement applies it as a transfer
         between operator funding and the account, or refuses it if it would take the account
-        below zero; follow it at `GET /v1/accounts/{account_id}/corrections`."""
+        below zero; follow it at `GET /v1/accounts/{account_id}/corrections`. Sent again with
+        the same `Idempotency-Key`, it is the same correction."""
         require_operator(request, settings.operator_token.get_secret_value())
         if body.role not in await account_roles(account_id):
             raise Problem(
@@ -181,17 +183,25 @@ def router(service: Service) -> APIRouter:
                 f"The account is not a {body.role}",
                 f"account {account_id} has no {body.role} balance to correct",
             )
-        correction_id = f"cor_{uuid7_hex()}"
         async with service.unit_of_work() as uow:
-            uow.emit(
-                CorrectionRequested(
-                    correction_id=correction_id,
-                    account_id=account_id,
-                    role=body.role,
-                    amount=body.amount,
-                    note=body.note,
-                )
+            correction_id, new = await once(
+                uow.conn,
+                "correction",
+                account_id,
+                request.headers.get("idempotency-key"),
+                body,
+                f"cor_{uuid7_hex()}",
             )
+            if new:
+                uow.emit(
+                    CorrectionRequested(
+                        correction_id=correction_id,
+                        account_id=account_id,
+                        role=body.role,
+                        amount=body.amount,
+                        note=body.note,
+                    )
+                )
         return CorrectionView(
             correction_id=correction_id,
             account_id=account_id,

@@ -166,6 +166,7 @@ RejectReason = Literal[
     "quota_exceeded",
     "account_suspended",
     "insufficient_funds",
+    "owner_suspended",  # the API's owner, not the consumer
 ]
 Money = int  # integer minor units, never floats
 # The most one price, credit or correction may be: past any real one (ten trillion in cents),

@@ -234,6 +234,29 @@ async def test_suspended_accounts_are_refused_at_the_door_and_by_routing(setting
         r = await http.post("/v1/calls", headers=bearer(consumer), json={"api": "svc"})
         assert r.status_code == 202
 
+        # A suspended owner sells nothing and changes nothing in the catalog.
+        await http.post(
+            f"/v1/accounts/{owner['account_id']}/suspend", headers=OPERATOR, json={"reason": "x"}
+        )
+        r = await http.patch("/v1/apis/svc", headers=bearer(owner), json={"price": 1})
+        assert r.json()["type"] == "urn:postback:problem:account-suspended"
+        r = await http.post(
+            "/v1/apis",
+            headers=bearer(owner),
+            json={"slug": "svc-2", "name": "s", "endpoint": "https://o.example/"},
+        )
+        assert r.json()["type"] == "urn:postback:problem:account-suspended"
+
+        async def owner_refused() -> bool:
+            r = await http.post("/v1/calls", headers=bearer(consumer), json={"api": "svc"})
+            rid = r.json()["request_id"]
+            [decided] = await eventually(
+                lambda: calls.of_type("call.rejected", rid) or calls.of_type("call.routed", rid)
+            )
+            return decided.data.get("reason") == "owner_suspended"
+
+        await eventually(owner_refused, every=0.2, what="routing refuses the owner's API")
+
 
 async def test_rate_limit_and_quota_hold_across_two_routing_replicas(settings):
     async with (

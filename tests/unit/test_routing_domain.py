@@ -99,6 +99,16 @@ def test_suspended_consumer_is_rejected_before_anything_else():
     rejected(result, "account_suspended")
 
 
+def test_a_suspended_owner_sells_nothing():
+    owner = consumer("suspended").model_copy(update={"account_id": "acct_owner"})
+    result = route(request(), api(), consumer(), default_fee_bps=0, now=NOW, owner=owner)
+    rejected(result, "owner_suspended")
+    active = owner.model_copy(update={"status": "active"})
+    assert isinstance(
+        route(request(), api(), consumer(), default_fee_bps=0, now=NOW, owner=active), CallRouted
+    )
+
+
 def test_unknown_consumer_is_not_rejected_for_being_unknown():
     assert isinstance(route(request(), api(), None, default_fee_bps=0, now=NOW), CallRouted)
 

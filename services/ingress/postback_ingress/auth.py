@@ -161,6 +161,16 @@ class KeyCache:
             del self._keys[key_id]
 
 
+def require_active(caller: Caller) -> None:
+    if caller.status != "active":
+        raise Problem(
+            403,
+            "account-suspended",
+            "Account suspended",
+            f"account {caller.account_id} is suspended and cannot change the catalog",
+        )
+
+
 def require_role(caller: Caller, role: str) -> None:
     if role not in caller.roles:
         raise Problem(

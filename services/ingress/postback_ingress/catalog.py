@@ -13,6 +13,7 @@ from postback_ingress.auth import (
     Caller,
     authenticate,
     has_credentials,
+    require_active,
     require_operator,
     require_role,
 )
@@ -101,6 +102,7 @@ def router(service: Service) -> APIRouter:
         """Register an API (owner). The signing secret is shown here only."""
         caller = await authenticate(service.pool, request)
         require_role(caller, "owner")
+        require_active(caller)
         state = ApiState(
             api_id=f"api_{uuid7_hex()}",
             owner_id=caller.account_id,
@@ -116,6 +118,7 @@ def router(service: Service) -> APIRouter:
     async def update_api(ref: str, body: ApiUpdate, request: Request) -> JSONResponse:
         """Change some of an API's settings (its owner). Calls in flight keep their terms."""
         caller = await authenticate(service.pool, request)
+        require_active(caller)
         current = await owned(ref, caller)
         if current.status == "retired":
             raise Problem(409, "api-retired", "API retired", "a retired API cannot change")

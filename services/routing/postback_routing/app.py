@@ -112,6 +112,7 @@ def build(settings: Settings) -> Service:
             default_fee_bps=settings.platform_fee_bps,
             now=now,
             unhealthy=health.unhealthy(now),
+            owner=catalog.accounts.get(api.owner_id) if api is not None else None,
         )
         decided(uow).append(Decided(event, req, api, decision, current_traceparent()))
 

@@ -197,6 +197,7 @@ def route(
     default_fee_bps: int,
     now: datetime,
     unhealthy: set[str] | None = None,
+    owner: AccountState | None = None,
 ) -> CallRouted | CallRejected:
     if consumer is not None and consumer.status == "suspended":
         return reject(req, "account_suspended", "the consumer's account is suspended")
@@ -204,6 +205,8 @@ def route(
         return reject(req, "unknown_api", f"no API named {req.api!r}")
     if api.status == "retired":
         return reject(req, "api_retired", f"API {api.slug!r} is retired")
+    if owner is not None and owner.status == "suspended":
+        return reject(req, "owner_suspended", f"the owner of API {api.slug!r} is suspended")
     candidates = [api.demo_endpoint] if req.mode == "demo" else [api.endpoint, *api.endpoints]
     if candidates == [None]:
         return reject(req, "mode_not_available", f"API {api.slug!r} has no {req.mode} mode")

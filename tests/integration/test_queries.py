@@ -93,6 +93,14 @@ async def test_calls_are_visible_to_their_consumer_and_owner_only(settings):
         ).json()["data"]
         assert failed in [c["request_id"] for c in same_status]
         assert all(c["status"] == view["status"] for c in same_status)
+        # What came of a call, whatever happened to it since (a rejected call is delivered).
+        rejected = (
+            await http.get("/v1/calls", headers=bearer(alice), params={"outcome": "rejected"})
+        ).json()["data"]
+        assert [c["request_id"] for c in rejected] == [failed]
+        for bad in ({"status": "bogus"}, {"outcome": "delivered"}):
+            r = await http.get("/v1/calls", headers=bearer(alice), params=bad)
+            assert r.status_code == 422, bad
         view = (await http.get(f"/v1/calls/{failed}", headers=bearer(alice))).json()
         assert view["outcome"] == "rejected"
         assert view["error"]["type"] == "urn:postback:problem:call-unknown-api"

@@ -391,3 +391,12 @@ async def test_a_rebuild_is_refused_when_a_topic_lost_its_oldest_events():
     replay.consumer = Log()  # type: ignore[assignment]
     with pytest.raises(IncompleteHistory, match=r"postback\.calls no longer"):
         await replay.start()
+
+
+def test_the_statuses_a_call_list_filters_by_are_the_read_models():
+    from typing import get_args
+
+    from postback_ingress.queries import CallStatus
+    from postback_projection.domain import STAGES
+
+    assert set(get_args(CallStatus)) == {status for _, status in STAGES.values()}

@@ -17,6 +17,21 @@ from postback_libs.http import Problem, problem_type
 from postback_libs.runtime import Service
 
 RETRY_AFTER_SECONDS = "1"
+CallStatus = Literal[
+    "accepted",
+    "routed",
+    "authorized",
+    "dispatched",
+    "processing",
+    "completed",
+    "failed",
+    "timed_out",
+    "rejected",
+    "settled",
+    "refunded",
+    "delivered",
+    "delivery_failed",
+]
 DONE_STAGE = 7  # delivered or delivery failed: nothing more will happen to the call
 # What the owner's side of a call's events holds and its consumer is not shown: where the owner's
 # API runs, and the platform's share of the price.
@@ -113,7 +128,10 @@ def router(service: Service) -> APIRouter:
         role: Literal["consumer", "owner"] = Query(
             "consumer", description="Your calls (consumer) or the calls to your APIs (owner)."
         ),
-        status: str | None = Query(None, max_length=40),
+        status: CallStatus | None = Query(None, description="Where the call stands now."),
+        outcome: Literal["completed", "failed", "timed_out", "rejected"] | None = Query(
+            None, description="What came of the call, whatever happened to it since."
+        ),
         api_ref: str | None = Query(None, alias="api", max_length=200),
         since: Instant | None = Query(None, description="Requested at or after (RFC 3339)."),
         until: Instant | None = Query(None, description="Requested before (RFC 3339)."),
@@ -133,6 +151,7 @@ def router(service: Service) -> APIRouter:
               AND ($4::timestamptz IS NULL OR requested_at >= $4)
               AND ($5::timestamptz IS NULL OR requested_at < $5)
               AND ($6::timestamptz IS NULL OR (requested_at, request_id) < ($6, $7))
+              AND ($9::text IS NULL OR outcome = $9)
             ORDER BY requested_at DESC, request_id DESC
             LIMIT $8
             """,
@@ -144,6 +163,7 @@ def router(service: Service) -> APIRouter:
             after[0] if after else None,
             after[1] if after else "",
             limit + 1,
+            outcome,
         )
         page = rows[:limit]
         body: dict[str, Any] = {

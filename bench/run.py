@@ -304,7 +304,7 @@ class Run:
                     out["sustained"] = self._sustained_figure(measured, best, tried)
                     await self._study_sustained_stack(e, out, cap, w_cap)
                     break
-            out["resources"] = self.usage(whole)
+        out["resources"] = self.usage(whole)  # once the window has closed: it has an end
         return out
 
     async def _light_load(self) -> list[dict[str, Any]]:

@@ -31,13 +31,13 @@ HELM_TEMPLATE = $(HELM) template $(CHART_RELEASE) $(CHART_DIR) \
 
 .PHONY: deploy-tools chart chart-lint chart-render chart-validate compose-check
 
-deploy-tools:
+deploy-tools:  ## Install ./tools/helm and ./tools/docker-compose (no Docker engine needed)
 	bash deploy/tools.sh
 
 $(HELM) $(COMPOSE):
 	@test -x $@ || { echo "$@ is missing: run 'bash deploy/tools.sh' (or make deploy-tools)" >&2; exit 1; }
 
-chart: chart-lint chart-render chart-validate
+chart: chart-lint chart-render chart-validate  ## Lint the Helm chart, render deploy/k8s/rendered/, validate it
 
 chart-lint: | $(HELM)
 	$(HELM) lint --strict $(CHART_DIR) $(DEFAULT_VALUES)
@@ -57,7 +57,7 @@ chart-validate: chart-render
 # The file requires a master key; any will do to check it.
 COMPOSE_CHECK = POSTBACK_SECRET_KEY=compose-config-check-not-a-real-key $(COMPOSE) -f docker-compose.yml
 
-compose-check: | $(COMPOSE)
+compose-check: | $(COMPOSE)  ## Check docker-compose.yml with the real Compose binary
 	$(COMPOSE_CHECK) config --quiet
 	$(COMPOSE_CHECK) --profile observability config --quiet
 	@echo "docker-compose.yml: valid ($$($(COMPOSE) version --short)), with and without --profile observability"

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit, urlunsplit
 
 import typer
 
@@ -157,18 +158,19 @@ def projection_rebuild(
         bool,
         typer.Option(
             help="Rebuild from what the topics still hold, though retention removed their "
-            "oldest events (calls older than that leave the read model)."
+            "oldest events or the broker lost its log (the calls they no longer hold leave "
+            "the read model)."
         ),
     ] = False,
 ) -> None:
     """Replay the topics into a fresh read model and swap it in atomically."""
     from postback_projection.rebuild import rebuild
 
-    last = [0.0]
+    last = [0.0, -1.0]  # when, and how many, last said
 
     def progress(applied: int, total: int) -> None:
-        if time.monotonic() - last[0] >= 1 or applied >= total:
-            last[0] = time.monotonic()
+        if applied != last[1] and (time.monotonic() - last[0] >= 1 or applied >= total):
+            last[:] = [time.monotonic(), applied]
             typer.echo(f"  replayed {applied:,} of {total:,} events")
 
     from postback_libs.runtime import run_event_loop, tune_gc
@@ -230,6 +232,8 @@ def dlq_replay(
         typer.echo(f"not replayed {letter.id}: {why}", err=True)
     for id_ in missing:
         typer.echo(f"no dead letter {id_}", err=True)
+    if not chosen and not missing:
+        typer.echo(f"no dead letters of group {group!r} (`postback dlq list` shows them all)")
     if refused or missing:
         raise typer.Exit(1)
 
@@ -245,7 +249,35 @@ def schemas(
     typer.echo(f"updated {len(changed)} files" if changed else "schemas are up to date")
 
 
+def _unreachable(e: BaseException) -> str:
+    """What could not be reached, at which address and by which setting (no password)."""
+    import asyncpg
+    from aiokafka.errors import KafkaError
+
+    s = get_settings()
+    url = urlsplit(s.database_url)
+    host = url.hostname or ""
+    if url.username:
+        host = f"{url.username}@{host}"
+    if url.port:
+        host = f"{host}:{url.port}"
+    db = f"the database at {urlunsplit(url._replace(netloc=host))} (POSTBACK_DATABASE_URL)"
+    broker = f"the broker at {s.kafka_bootstrap} (POSTBACK_KAFKA_BOOTSTRAP)"
+    if isinstance(e, KafkaError):
+        what = broker
+    elif isinstance(e, asyncpg.PostgresError | asyncpg.InterfaceError):
+        what = db
+    else:
+        what = f"{db} or {broker}"
+    return (
+        f"could not reach {what}: {e!r}. For the stack `postback up` runs, its addresses are "
+        "in its data dir: set -a; . .postback/env; set +a"
+    )
+
+
 def main() -> None:
+    import asyncpg
+    from aiokafka.errors import KafkaError
     from pydantic import ValidationError
 
     from postback_libs.settings import ConfigurationError
@@ -262,3 +294,6 @@ def main() -> None:
     except ConfigurationError as e:
         typer.echo(f"invalid configuration: {e}", err=True)
         sys.exit(2)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, KafkaError) as e:
+        typer.echo(_unreachable(e), err=True)
+        sys.exit(1)

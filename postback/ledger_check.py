@@ -336,6 +336,14 @@ async def read_topic(settings: Settings, replay: Replay) -> None:
 def compare(tables: dict[str, Totals], replay: Replay) -> list[Violation]:
     out = list(replay.conflicts[:1])
     rebuilt = replay.totals()
+    if tables and not rebuilt:
+        lost = Violation(
+            "replaying the ledger topic gives the same balances",
+            f"the tables hold {len(tables)} accounts and the ledger topic none: the broker "
+            "has lost its log (an embedded broker keeps none across restarts). Check the "
+            "tables alone with --no-topic.",
+        )
+        return [*out, lost]
     for account in sorted(set(tables) | set(rebuilt)):
         have, want = tables.get(account, (0, 0, 0, 0)), rebuilt.get(account, (0, 0, 0, 0))
         if have != want:

@@ -214,9 +214,48 @@ class Stack:
         return " ".join(f"{s}=http://127.0.0.1:{self.port(s)}" for s in SERVICES)
 
 
+def _unusable(stack: Stack) -> str | None:
+    """Why the stack cannot start here, before anything starts: another stack on its ports
+    would answer its readiness checks, and its services would restart for ever."""
+    try:
+        stack.data_dir.mkdir(parents=True, exist_ok=True)
+        probe = stack.data_dir / ".writable"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        reason = e.strerror or e
+        return f"cannot use {stack.data_dir} as data dir ({reason}): pick one with --data-dir"
+    taken = [f"{s} {stack.port(s)}" for s in SERVICES if not _port_free(stack.port(s))]
+    if taken:
+        free = next(
+            base
+            for base in range(stack.base_port + 100, 65000, 100)
+            if all(_port_free(base + stack.port(s) - stack.base_port) for s in SERVICES)
+        )
+        return (
+            f"port in use: {', '.join(taken)}; start on other ports with "
+            f"`postback up --base-port {free}` (or `make dev PORT={free}`)"
+        )
+    return None
+
+
+def write_env(stack: Stack) -> Path:
+    """The addresses the stack runs on, for the operator commands (`ledger check`, `dlq`,
+    `projection rebuild`): `set -a; . <data dir>/env; set +a`."""
+    path = stack.data_dir / "env"
+    names = ("POSTBACK_DATABASE_URL", "POSTBACK_KAFKA_BOOTSTRAP", "POSTBACK_TOPIC_PREFIX")
+    lines = [f"{n}={stack.env[n]}" for n in names if stack.env.get(n)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def up(data_dir: Path, base_port: int, then: list[str] | None = None) -> int:
     stack = Stack(data_dir, base_port)
     stopping = False
+    problem = _unusable(stack)
+    if problem is not None:
+        _say(f"postback up: {problem}")
+        return 2
 
     def on_signal(signum: int, _: object) -> None:
         nonlocal stopping
@@ -233,6 +272,7 @@ def up(data_dir: Path, base_port: int, then: list[str] | None = None) -> int:
         stack.wait_ready()
         _say(f"Postback is ready: {stack.urls()} logs={stack.data_dir / 'logs'}")
         _say(f"  operator token in {stack.data_dir / 'operator-token'}; Ctrl-C stops everything")
+        _say(f"  operator commands on this stack: set -a; . {write_env(stack)}; set +a")
         if then:
             result = subprocess.run(then, env=stack.env, check=False)  # noqa: S603
             if result.returncode != 0:

@@ -151,3 +151,36 @@ def test_kafka_refuses_a_taken_port() -> None:
         with pytest.raises(RuntimeError, match="already in use"):
             broker.start()
     assert broker.pid is None
+
+
+def test_postback_up_says_which_port_is_taken_before_starting_anything(tmp_path: Path) -> None:
+    """Another stack on its ports would answer its readiness checks, and its own services
+    would restart for ever: it refuses at once and names a base port that is free."""
+    import subprocess
+    import sys
+
+    base = free_port(6)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", base + 4))  # delivery's
+        taken.listen()
+        result = subprocess.run(
+            [sys.executable, "-m", "postback", "up", "--base-port", str(base)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 2
+    assert f"port in use: delivery {base + 4}" in result.stdout + result.stderr
+    assert "--base-port" in result.stdout + result.stderr
+    assert not (tmp_path / ".postback" / "pg").exists()  # nothing was started
+    unwritable = tmp_path / "file"
+    unwritable.write_text("")
+    result = subprocess.run(
+        [sys.executable, "-m", "postback", "up", "--data-dir", str(unwritable / "data")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and "pick one with --data-dir" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr

@@ -7,15 +7,17 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import pytest
 
 from postback_delivery.app import build as delivery
 from postback_ingress.app import build as ingress
 from postback_libs.events import CallRequested, new_event
 from postback_libs.outbox import new_producer
+from postback_libs.topics import ensure_topics
 from postback_owner_adapter.app import build as owner_adapter
 from postback_projection.app import build as projection
 from postback_projection.app import purge_old_bodies
-from postback_projection.rebuild import Replay, rebuild
+from postback_projection.rebuild import IncompleteHistory, Replay, rebuild
 from postback_routing.app import build as routing
 from postback_settlement.app import build as settlement
 from tests.helpers import (
@@ -150,6 +152,15 @@ async def test_rebuilt_read_model_equals_the_live_one(settings):
         )
         view = (await http.get(f"/v1/calls/{ids[1]}", headers=bearer(consumer))).json()
         assert view["result"] == {"echo": {"i": 1}, "via": "sync"}
+
+        # A broker that lost its log starts again at offset zero, so no offset tells: the
+        # read model holding calls the topics do not is what refuses the rebuild.
+        lost = settings.model_copy(update={"topic_prefix": f"{settings.topic_prefix}lost."})
+        await ensure_topics(lost)
+        kept = await stable_checksums(settings.database_url)
+        with pytest.raises(IncompleteHistory, match="the topics hold 0 calls, the read model 13"):
+            await rebuild(lost, lambda applied, total: None)
+        assert await checksums(settings.database_url) == kept
 
 
 async def _delivered(http, consumer, rid):

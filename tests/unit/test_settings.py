@@ -72,3 +72,18 @@ def test_a_service_that_cannot_reach_its_database_says_so_in_one_line() -> None:
     [line] = [json.loads(x) for x in result.stdout.splitlines() if "could not start" in x]
     assert "POSTBACK_DATABASE_URL" in line["step"] and line["service"] == "routing"
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_an_operator_command_that_cannot_reach_the_database_names_the_setting() -> None:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("POSTBACK_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "postback", "migrate"],
+        env={**clean, "POSTBACK_DATABASE_URL": "postgresql://u:hunter2@127.0.0.1:1/postback"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "could not reach the database at postgresql://u@127.0.0.1:1/postback" in result.stderr
+    assert "POSTBACK_DATABASE_URL" in result.stderr
+    assert "hunter2" not in result.stderr and "Traceback" not in result.stderr

@@ -247,3 +247,13 @@ async def test_the_direct_call_answers_the_unexpected_with_a_bare_500():
     status, headers, body = await _asgi(app, b"x" * 1024)
     assert (status, headers[b"location"]) == (202, b"/v1/calls/req_1024")
     assert json.loads(body)["request_id"] == "req_1024"
+
+
+def test_a_get_call_carries_no_body_it_would_lose() -> None:
+    from pydantic import ValidationError
+
+    from postback_ingress.models import CallRequest
+
+    with pytest.raises(ValidationError, match="a GET carries no body"):
+        CallRequest(api="x", method="GET", body={"a": 1})
+    assert CallRequest(api="x", method="DELETE", body={"a": 1}).body == {"a": 1}

@@ -56,13 +56,23 @@ class CallRequest(Input):
     mode: Mode = "production"
     method: str = Field("POST", pattern="^(GET|POST|PUT|PATCH|DELETE)$")
     path: str = Field("/", pattern="^/", max_length=2000)
-    params: dict[str, Any] = Field(default_factory=dict)
-    body: Any = None
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Sent as the JSON body of a POST, PUT or PATCH without `body`, else as the "
+        "query string.",
+    )
+    body: Any = Field(None, description="The JSON body to send (not with GET).")
     webhook_url: AnyHttpUrl | None = Field(
         None,
         description="Where the result is delivered, signed. Optional if you subscribe "
         "endpoints instead.",
     )
+
+    @model_validator(mode="after")
+    def _no_body_on_get(self) -> CallRequest:
+        if self.method == "GET" and self.body is not None:
+            raise ValueError("a GET carries no body: send its parameters as params")
+        return self
 
 
 class CallAccepted(BaseModel):

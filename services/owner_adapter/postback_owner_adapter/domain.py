@@ -65,11 +65,14 @@ def build_forward(
         params["webhook_url"] = f"{callback_url}?token={token}"
     url = target = upstream_target(upstream_url, path)
     payload: bytes | None = None
-    if method in BODY_METHODS:
-        payload = json.dumps(body if body is not None else params, separators=(",", ":")).encode()
-    elif params:
+    query = params
+    if body is not None:  # the body as sent; the parameters, if any, in the query
+        payload = json.dumps(body, separators=(",", ":")).encode()
+    elif method in BODY_METHODS:  # no body: the parameters are the body
+        payload, query = json.dumps(params, separators=(",", ":")).encode(), {}
+    if query:
         url += ("&" if "?" in url else "?") + urlencode(
-            {k: v if isinstance(v, str) else json.dumps(v) for k, v in params.items()}
+            {k: v if isinstance(v, str) else json.dumps(v) for k, v in query.items()}
         )
     headers = {
         "X-Postback-Request-Id": request_id,

@@ -142,6 +142,14 @@ async def test_catalog_update_retire_and_search(settings):
         assert r.json()["type"] == "urn:postback:problem:slug-taken"
         r = await http.patch("/v1/apis/weather", headers=bearer(owner), json={"price": -1})
         assert r.status_code == 422
+        # Settings that could never work are refused when made, not found out from calls.
+        for bad in (
+            {"endpoint": "http://169.254.169.254/latest"},
+            {"endpoints": ["http://10.0.0.1/x"]},
+            {"path_prefixes": ["v1"]},
+        ):
+            r = await http.patch("/v1/apis/weather", headers=bearer(owner), json=bad)
+            assert r.status_code == 422, bad
         # The platform's fee is the operator's to set, never the owner's.
         r = await http.patch("/v1/apis/weather", headers=bearer(owner), json={"fee_bps": 0})
         assert r.status_code == 422

@@ -19,9 +19,11 @@ from postback_ingress.auth import (
 )
 from postback_ingress.models import ApiCreate, ApiFee, ApiRegisteredView, ApiUpdate
 from postback_ingress.paging import decode_cursor, encode_cursor
+from postback_ingress.webhooks import check_url
 from postback_libs.events import ApiRegistered, ApiRetired, ApiState, ApiUpdated
 from postback_libs.http import Problem
 from postback_libs.ids import uuid7_hex
+from postback_libs.outbound import AddressPolicy
 from postback_libs.runtime import Service
 from postback_libs.signing import derive_secret
 
@@ -37,6 +39,7 @@ def public_view(state: dict[str, Any]) -> dict[str, Any]:
 def router(service: Service) -> APIRouter:
     api = APIRouter(tags=["catalog"])
     master = service.settings.master_key()
+    guard = AddressPolicy(service.settings.allowed_network_list)
 
     async def owned(ref: str, caller: Caller) -> ApiState:
         row = await service.pool.fetchrow(
@@ -53,6 +56,12 @@ def router(service: Service) -> APIRouter:
                 f"API {state.slug!r} belongs to another account",
             )
         return state
+
+    def check_endpoints(fields: ApiCreate | ApiUpdate) -> None:
+        """An endpoint at an address no forwarded call may reach fails every call: say so now."""
+        for url in (fields.endpoint, *(fields.endpoints or ()), fields.demo_endpoint):
+            if url is not None:
+                check_url(str(url), guard)
 
     async def save(state: ApiState, change: type[ApiRegistered | ApiUpdated | ApiRetired]) -> None:
         async with service.unit_of_work() as uow:
@@ -103,6 +112,7 @@ def router(service: Service) -> APIRouter:
         caller = await authenticate(service.pool, request)
         require_role(caller, "owner")
         require_active(caller)
+        check_endpoints(body)
         state = ApiState(
             api_id=f"api_{uuid7_hex()}",
             owner_id=caller.account_id,
@@ -122,6 +132,7 @@ def router(service: Service) -> APIRouter:
         current = await owned(ref, caller)
         if current.status == "retired":
             raise Problem(409, "api-retired", "API retired", "a retired API cannot change")
+        check_endpoints(body)
         changes = body.model_dump(mode="json", exclude_unset=True)
         state = ApiState.model_validate(
             {**current.model_dump(mode="json"), **changes, "version": current.version + 1}

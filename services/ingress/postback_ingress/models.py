@@ -179,7 +179,9 @@ class ApiFields(Input):
         default_factory=lambda: ["POST"],  # type: ignore[arg-type]
         min_length=1,
     )
-    path_prefixes: list[str] = Field(default_factory=lambda: ["/"], min_length=1)
+    path_prefixes: list[Annotated[str, Field(pattern="^/", max_length=2000)]] = Field(
+        default_factory=lambda: ["/"], min_length=1, description="Paths calls may take."
+    )
     price: int = Field(0, ge=0, le=MAX_MONEY, description="Per call, in minor units.")
     delivery_mode: Literal["sync", "async"] = "sync"
     max_duration_seconds: int = Field(300, ge=1, le=86400)

@@ -142,6 +142,18 @@ async def test_catalog_update_retire_and_search(settings):
         assert r.json()["type"] == "urn:postback:problem:slug-taken"
         r = await http.patch("/v1/apis/weather", headers=bearer(owner), json={"price": -1})
         assert r.status_code == 422
+        # A renamed API keeps its old slug: another owner taking it would get its calls.
+        r = await http.patch("/v1/apis/geocode", headers=bearer(owner), json={"slug": "geo-2"})
+        assert r.status_code == 200, r.text
+        r = await http.post(
+            "/v1/apis",
+            headers=bearer(other),
+            json={"slug": "geocode", "name": "g", "endpoint": "https://x.example/"},
+        )
+        assert r.status_code == 409
+        assert r.json()["type"] == "urn:postback:problem:slug-taken"
+        r = await http.patch("/v1/apis/geo-2", headers=bearer(owner), json={"slug": "geocode"})
+        assert r.status_code == 200, r.text  # its own, back again
         # Settings that could never work are refused when made, not found out from calls.
         for bad in (
             {"endpoint": "http://169.254.169.254/latest"},

@@ -65,6 +65,20 @@ def router(service: Service) -> APIRouter:
 
     async def save(state: ApiState, change: type[ApiRegistered | ApiUpdated | ApiRetired]) -> None:
         async with service.unit_of_work() as uow:
+            holder = await uow.conn.fetchval(
+                "INSERT INTO slug_history (slug, api_id) VALUES ($1, $2)"
+                " ON CONFLICT (slug) DO UPDATE SET slug = EXCLUDED.slug RETURNING api_id",
+                state.slug,
+                state.api_id,
+            )
+            if holder != state.api_id:
+                raise Problem(
+                    409,
+                    "slug-taken",
+                    "Slug taken",
+                    f"the slug {state.slug!r} is or was another API's: calls by it must not "
+                    "reach a different API",
+                )
             if change is ApiRegistered:
                 stored = await uow.conn.fetchval(
                     "INSERT INTO apis (api_id, slug, owner_id, state) VALUES ($1, $2, $3, $4)"

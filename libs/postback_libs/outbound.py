@@ -17,9 +17,12 @@ Requests must not set `proxy=`: through a proxy the guard would only see the pro
 from __future__ import annotations
 
 import ipaddress
+import math
 import socket
 import ssl
 from collections.abc import Callable, Iterable
+from datetime import datetime
+from email.utils import parsedate_to_datetime
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -289,3 +292,23 @@ def classify_error(exc: BaseException) -> ErrorKind:
     if isinstance(exc, aiohttp.ClientOSError | aiohttp.ServerDisconnectedError | ConnectionError):
         return "connect"
     return "other"
+
+
+# The longest `Retry-After` honoured: a receiver may not park a request for longer.
+MAX_RETRY_AFTER = 24 * 3600.0
+
+
+def retry_after_seconds(value: str | None, now: datetime) -> float | None:
+    """`Retry-After` as seconds (either form), bounded; None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = (parsedate_to_datetime(value) - now).total_seconds()
+        except (TypeError, ValueError):
+            return None
+    if math.isnan(seconds):
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)

@@ -33,6 +33,7 @@ from tests.helpers import (
     owner_server,
     publish,
     running,
+    scripted,
     silent_async_owner,
     sleepy_owner,
 )
@@ -179,6 +180,19 @@ async def test_a_slow_sync_owner_is_waited_for_until_the_deadline_and_asked_once
     assert completed.data["result"] == {"late": True}
     assert len(owner.received) == 1
     assert owner.received[0][1]["webhook-id"] == routed.request_id
+
+
+async def test_an_owners_retry_after_is_honoured(settings):
+    async with (
+        scripted([(503, {"Retry-After": "2"})], path="/busy") as owner,
+        TopicReader(settings, "postback.calls") as calls,
+        running(settings, owner_adapter),
+    ):
+        routed = await route_and_authorize(settings, f"{owner.url}/busy", deadline_in=30)
+        await events_of(calls, "call.completed", routed.request_id, timeout=20)
+        first, second = calls.of_type("call.dispatched", routed.request_id)
+    # The first retry would come after 1 s; the owner asked for 2.
+    assert (second.time - first.time).total_seconds() >= 2.0
 
 
 async def test_an_unreachable_owner_fails_the_call_without_naming_its_address(settings):

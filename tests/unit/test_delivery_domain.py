@@ -11,14 +11,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from postback_delivery.domain import (
-    MAX_RETRY_AFTER,
     RetryPolicy,
     judge,
     outcome_data,
     plan_retry,
-    retry_after_seconds,
     webhook_body,
 )
+from postback_libs.outbound import MAX_RETRY_AFTER, retry_after_seconds
 from postback_libs.settings import MAX_RETRY_DELAY_SECONDS
 
 pytestmark = pytest.mark.unit

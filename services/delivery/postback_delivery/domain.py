@@ -8,12 +8,10 @@ import math
 import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from email.utils import parsedate_to_datetime
 from typing import Any, Literal
 
+from postback_libs.outbound import retry_after_seconds
 from postback_libs.settings import MAX_RETRY_DELAY_SECONDS
-
-MAX_RETRY_AFTER = 24 * 3600.0
 
 
 def webhook_body(event_type: str, at: datetime, data: dict[str, Any]) -> bytes:
@@ -46,22 +44,6 @@ def outcome_data(
     if cost is not None:
         data["cost"] = cost
     return data
-
-
-def retry_after_seconds(value: str | None, now: datetime) -> float | None:
-    """`Retry-After` as seconds (either form), bounded; None when absent or unreadable."""
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            seconds = (parsedate_to_datetime(value) - now).total_seconds()
-        except (TypeError, ValueError):
-            return None
-    if math.isnan(seconds):
-        return None
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
 Verdict = Literal["succeeded", "retry", "gone"]

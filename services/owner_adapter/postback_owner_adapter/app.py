@@ -42,6 +42,7 @@ from postback_libs.outbound import (
     describe_failure,
     guarded_session,
     read_capped,
+    retry_after_seconds,
 )
 from postback_libs.outbox import UnitOfWork
 from postback_libs.runtime import Service
@@ -177,6 +178,7 @@ def build(settings: Settings) -> Service:
             ) as resp:
                 raw = await read_capped(resp, row["max_result_bytes"] + 1)
                 status, ctype = resp.status, resp.headers.get("content-type", "")
+                retry_after = resp.headers.get("retry-after") if status in (429, 503) else None
         except Exception as e:  # connection errors and timeouts alike: retry while time allows
             if service.stopping:  # cut off by our own shutdown: not the owner's failure
                 await hand_back(rid, attempt)
@@ -219,7 +221,8 @@ def build(settings: Settings) -> Service:
                 attempt=attempt,
             )
         elif verdict == "retry":
-            await retry_or_fail(row, dispatched, f"owner answered {status}", status)
+            wait = retry_after_seconds(retry_after, datetime.now(UTC))
+            await retry_or_fail(row, dispatched, f"owner answered {status}", status, wait)
         else:
             reason = "result_too_large" if verdict == "too_large" else "owner_refused"
             await finish(
@@ -238,11 +241,18 @@ def build(settings: Settings) -> Service:
             )
 
     async def retry_or_fail(
-        row: Any, dispatched: CallDispatched, detail: str, status: int | None
+        row: Any,
+        dispatched: CallDispatched,
+        detail: str,
+        status: int | None,
+        at_least: float | None = None,
     ) -> None:
+        """Due again after the retry delay, or the owner's `Retry-After` (`at_least`) if
+        longer, while the deadline allows; else the call fails (or times out)."""
         rid, attempt, deadline = row["request_id"], row["attempts"], row["deadline"]
         now = datetime.now(UTC)
-        retry_at = now + timedelta(seconds=domain.retry_delay(attempt))
+        delay = max(domain.retry_delay(attempt), at_least or 0.0)
+        retry_at = now + timedelta(seconds=delay)
         if attempt < settings.owner_max_attempts and retry_at < deadline:
             await finish(
                 rid,

@@ -12,8 +12,9 @@ from datetime import UTC, datetime
 import aiohttp
 import asyncpg
 import httpx
+import pytest
 from aiohttp import web
-from standardwebhooks.webhooks import Webhook
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from postback.embedded import free_port
 from postback_libs.events import CallAuthorized
@@ -90,6 +91,35 @@ async def test_a_sync_owner_answers_in_its_response(settings):
         assert json.loads(body) == {"q": "x"}
         [row] = await fetch(svc, "SELECT status FROM dispatches WHERE request_id = $1", rid)
         assert row["status"] == "completed"
+
+
+async def test_a_forwarded_get_is_signed_with_its_query(settings):
+    """A GET has no body: its path and query, as received, are what the signature covers, so
+    a standard verifier checks its parameters too (one changed, it fails)."""
+    seen: list[tuple[str, dict[str, str]]] = []
+
+    async def report(request: web.Request) -> web.Response:
+        seen.append((request.raw_path, dict(request.headers)))
+        return web.json_response({"ok": True})
+
+    async with (
+        HttpServer({"/report": report}) as owner,
+        TopicReader(settings, "postback.calls") as calls,
+        running(settings, owner_adapter),
+    ):
+        routed = await route_and_authorize(
+            settings,
+            f"{owner.url}/report",
+            method="GET",
+            params={"city": "Oslo & Bergen", "days": 3},
+        )
+        await events_of(calls, "call.completed", routed.request_id)
+    [(raw_path, headers)] = seen
+    verifier = Webhook(derive_secret(master(settings), "api", routed.api_id))
+    assert verifier.verify(json.dumps(raw_path), headers) == raw_path
+    assert "days=3" in raw_path
+    with pytest.raises(WebhookVerificationError):
+        verifier.verify(json.dumps(raw_path.replace("days=3", "days=300")), headers)
 
 
 async def test_an_async_owner_answers_by_callback(settings):

@@ -149,7 +149,7 @@ def build(settings: Settings) -> Service:
         secret = derive_secret(master, "api", row["api_id"])
         headers = {
             **fwd.headers,
-            **webhook_headers([secret], msg_id, int(time.time()), fwd.body or b"", USER_AGENT),
+            **webhook_headers([secret], msg_id, int(time.time()), fwd.signed, USER_AGENT),
         }
         if traceparent := current_traceparent():  # the owner may continue the call's trace
             headers["traceparent"] = traceparent

@@ -11,6 +11,8 @@ from datetime import datetime
 from typing import Any, Literal
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
+from yarl import URL
+
 from postback_libs.text import recordable, unstorable
 
 BODY_METHODS = {"POST", "PUT", "PATCH"}
@@ -43,6 +45,15 @@ class Forward:
     # The URL without the call's parameters: what events may record. The parameters can hold
     # the callback token (seed-compatible `webhook_url`), which must never reach a topic.
     target: str
+
+    @property
+    def signed(self) -> bytes:
+        """What the Standard Webhooks signature covers: the body, or for a request without
+        one the path and query as sent, as a JSON string (so a standard verifier, which
+        parses what it verifies, takes it: `verify(json.dumps(raw_path), headers)`)."""
+        if self.body is not None:
+            return self.body
+        return json.dumps(URL(self.url).raw_path_qs).encode()
 
 
 def build_forward(

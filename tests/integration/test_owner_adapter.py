@@ -162,6 +162,11 @@ async def test_callbacks_are_accepted_once_and_checked(settings):
         r = await post_callback(svc, rid, b'{"answer": 42}', token)
         assert r.status_code == 200, r.text
 
+        # The same result written differently, as a client that retries may, is the same.
+        r = await post_callback(svc, rid, b'{ "answer":42 }', token)
+        assert r.status_code == 200
+        r = await post_callback(svc, rid, b'{"answer": 43', token)
+        assert r.status_code == 400  # not the JSON its content-type says
         r = await post_callback(svc, rid, b'{"answer": 43}', token)
         assert r.status_code == 409
         assert r.headers["content-type"].startswith("application/problem+json")

@@ -398,6 +398,14 @@ def build(settings: Settings) -> Service:
                 )
         raw = bytes(body)
         ctype = request.headers.get("content-type", "application/json")
+        if "json" in ctype and not domain.is_json(raw):
+            raise Problem(
+                400,
+                "invalid-json",
+                "The result is not JSON",
+                f"the body is not the JSON its content-type ({ctype}) says; send valid JSON, "
+                "or another content-type for a result that is not JSON",
+            )
         digest = domain.result_digest(ctype, raw)
         completed = CallCompleted(
             request_id=request_id,

@@ -3,6 +3,7 @@ is read, and how callback tokens are made."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -124,9 +125,24 @@ def parse_result(raw: bytes, content_type: str) -> Any:
     return recordable(raw.decode(errors="replace"))
 
 
+def is_json(raw: bytes) -> bool:
+    try:
+        json.loads(raw)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
 def retry_delay(attempt: int) -> float:
     return float(min(2 ** (attempt - 1), 30))
 
 
 def result_digest(content_type: str, raw: bytes) -> str:
-    return hashlib.sha256(content_type.encode() + b"\0" + raw).hexdigest()
+    """What makes two results the same: their media type (its parameters, a charset, aside)
+    and, for JSON, the value rather than its spelling. An owner's client that retries a
+    callback may serialise it again: `{"v": 1}` then `{"v":1}` is the same result."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    if "json" in media:
+        with contextlib.suppress(ValueError, RecursionError):
+            raw = json.dumps(json.loads(raw), sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(media.encode() + b"\0" + raw).hexdigest()

@@ -265,21 +265,26 @@ def _unreachable(e: BaseException) -> str:
     broker = f"the broker at {s.kafka_bootstrap} (POSTBACK_KAFKA_BOOTSTRAP)"
     if isinstance(e, KafkaError):
         what = broker
-    elif isinstance(e, asyncpg.PostgresError | asyncpg.InterfaceError):
+    elif isinstance(
+        e, asyncpg.PostgresError | asyncpg.InterfaceError | asyncpg.ClientConfigurationError
+    ):
         what = db
     else:
         what = f"{db} or {broker}"
     return (
-        f"could not reach {what}: {e!r}. For the stack `postback up` runs, its addresses are "
-        "in its data dir: set -a; . .postback/env; set +a"
+        f"could not reach {what}: {e!r}. For a stack `postback up` runs, its addresses are in "
+        "its data dir: set -a; . <data dir>/env; set +a (.postback/env by default)"
     )
 
 
 def main() -> None:
+    import socket
+
     import asyncpg
-    from aiokafka.errors import KafkaError
+    from aiokafka.errors import KafkaConnectionError
     from pydantic import ValidationError
 
+    from postback_libs.db import UNREACHABLE
     from postback_libs.settings import ConfigurationError
 
     try:
@@ -294,6 +299,13 @@ def main() -> None:
     except ConfigurationError as e:
         typer.echo(f"invalid configuration: {e}", err=True)
         sys.exit(2)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, KafkaError) as e:
+    except (
+        *UNREACHABLE,
+        socket.gaierror,  # a host name that does not resolve
+        asyncpg.InvalidCatalogNameError,  # no such database
+        asyncpg.InvalidAuthorizationSpecificationError,  # no such role, a wrong password
+        asyncpg.ClientConfigurationError,  # not a database URL
+        KafkaConnectionError,
+    ) as e:
         typer.echo(_unreachable(e), err=True)
         sys.exit(1)

@@ -336,10 +336,11 @@ async def read_topic(settings: Settings, replay: Replay) -> None:
 def compare(tables: dict[str, Totals], replay: Replay) -> list[Violation]:
     out = list(replay.conflicts[:1])
     rebuilt = replay.totals()
-    if tables and not rebuilt:
+    # Accounts a refused call only looked at exist with nothing on them, and no event.
+    if any(t != (0, 0, 0, 0) for t in tables.values()) and not rebuilt:
         lost = Violation(
             "replaying the ledger topic gives the same balances",
-            f"the tables hold {len(tables)} accounts and the ledger topic none: the broker "
+            "the tables hold balances and the ledger topic no event: the broker "
             "has lost its log (an embedded broker keeps none across restarts). Check the "
             "tables alone with --no-topic.",
         )

@@ -8,6 +8,7 @@ import asyncio
 import http.client
 import os
 import secrets
+import shlex
 import signal
 import subprocess
 import sys
@@ -244,8 +245,9 @@ def write_env(stack: Stack) -> Path:
     `projection rebuild`): `set -a; . <data dir>/env; set +a`."""
     path = stack.data_dir / "env"
     names = ("POSTBACK_DATABASE_URL", "POSTBACK_KAFKA_BOOTSTRAP", "POSTBACK_TOPIC_PREFIX")
-    lines = [f"{n}={stack.env[n]}" for n in names if stack.env.get(n)]
+    lines = [f"{n}={shlex.quote(stack.env[n])}" for n in names if stack.env.get(n)]
     path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o600)  # a database URL may hold a password
     return path
 
 

@@ -48,6 +48,19 @@ UNAVAILABLE: tuple[type[Exception], ...] = (
     asyncpg.CrashShutdownError,  # 57P02
     asyncpg.InsufficientResourcesError,  # class 53: too many connections, out of memory
 )
+# What says the database cannot be reached at all right now, and nothing of the request: an
+# HTTP API answers it 503 "try again" (UNAVAILABLE also holds client-side errors, which are a
+# request's own).
+UNREACHABLE: tuple[type[Exception], ...] = (
+    ConnectionError,
+    TimeoutError,  # no connection came free in time, or none could be made
+    asyncpg.PostgresConnectionError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.TooManyConnectionsError,
+)
 # What a loop that simply tries again later catches: any database error.
 DATABASE_ERRORS: tuple[type[BaseException], ...] = (
     OSError,

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from postback_libs.db import UNAVAILABLE
+from postback_libs.db import UNREACHABLE
 
 PROBLEM_JSON = "application/problem+json"
 
@@ -268,7 +268,7 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Problem, on_problem)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
-    for unavailable in UNAVAILABLE:
+    for unavailable in UNREACHABLE:
         app.add_exception_handler(unavailable, on_unavailable)
     app.add_exception_handler(Exception, on_unexpected)
 

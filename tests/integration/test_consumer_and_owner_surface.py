@@ -371,6 +371,16 @@ async def test_seed_compatible_entry_points_with_plain_clients(settings):
         assert forwarded["webhook_url"].startswith(settings.callback_url.rsplit(":", 1)[0])
         assert "/v1/callbacks/" in forwarded["webhook_url"]
         assert "token=" in forwarded["webhook_url"]
+
+        # Where the consumer's webhooks go is not the owner's to read, among params either.
+        async def seen_by_owner() -> dict:
+            view = (await http.get(f"/v1/calls/{first}", headers=bearer(owner))).json()
+            return view if view["status"] == "delivered" else {}
+
+        owners_view = await eventually(seen_by_owner, what="the call in the read model")
+        assert hook not in json.dumps(owners_view)
+        consumers = await http.get(f"/v1/calls/{first}", headers={"X-Consumer-Key": secret})
+        assert hook in json.dumps(consumers.json())
         # The demo call has no demo endpoint on this API.
         assert by_id[second]["type"] == "call.rejected"
         assert by_id[second]["data"]["error"]["reason"] == "mode_not_available"

@@ -257,3 +257,5 @@ def test_a_get_call_carries_no_body_it_would_lose() -> None:
     with pytest.raises(ValidationError, match="a GET carries no body"):
         CallRequest(api="x", method="GET", body={"a": 1})
     assert CallRequest(api="x", method="DELETE", body={"a": 1}).body == {"a": 1}
+    with pytest.raises(ValidationError, match="params or a body, not both"):
+        CallRequest(api="x", params={"page": 2}, body={"a": 1})  # the params would go unsigned

@@ -58,10 +58,9 @@ class CallRequest(Input):
     path: str = Field("/", pattern="^/", max_length=2000)
     params: dict[str, Any] = Field(
         default_factory=dict,
-        description="Sent as the JSON body of a POST, PUT or PATCH without `body`, else as the "
-        "query string.",
+        description="Sent as the JSON body of a POST, PUT or PATCH, else as the query string.",
     )
-    body: Any = Field(None, description="The JSON body to send (not with GET).")
+    body: Any = Field(None, description="The JSON body to send instead of params (not with GET).")
     webhook_url: AnyHttpUrl | None = Field(
         None,
         description="Where the result is delivered, signed. Optional if you subscribe "
@@ -69,9 +68,12 @@ class CallRequest(Input):
     )
 
     @model_validator(mode="after")
-    def _no_body_on_get(self) -> CallRequest:
+    def _params_or_body(self) -> CallRequest:
+        # What the owner gets is what its signature covers: the body, or the path and query.
         if self.method == "GET" and self.body is not None:
             raise ValueError("a GET carries no body: send its parameters as params")
+        if self.body is not None and self.params:
+            raise ValueError("send params or a body, not both: put the parameters in the body")
         return self
 
 

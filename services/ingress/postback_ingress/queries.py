@@ -115,6 +115,10 @@ def router(service: Service) -> APIRouter:
         timeline = []
         for e in events:
             data = {k: v for k, v in json.loads(e["data"]).items() if k not in hidden}
+            params = data.get("params")
+            if "webhook_url" in hidden and isinstance(params, dict) and "webhook_url" in params:
+                # The seed-compatible forms carry it among the call's parameters.
+                data["params"] = {k: v for k, v in params.items() if k != "webhook_url"}
             timeline.append(
                 TimelineEntry(type=e["type"], time=e["time"], source=e["source"], data=data)
             )

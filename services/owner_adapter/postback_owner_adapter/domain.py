@@ -78,8 +78,8 @@ def build_forward(
     url = target = upstream_target(upstream_url, path)
     payload: bytes | None = None
     query = params
-    if body is not None:  # the body as sent; the parameters, if any, in the query
-        payload = json.dumps(body, separators=(",", ":")).encode()
+    if body is not None:  # ingress takes a body or params, never both
+        payload, query = json.dumps(body, separators=(",", ":")).encode(), {}
     elif method in BODY_METHODS:  # no body: the parameters are the body
         payload, query = json.dumps(params, separators=(",", ":")).encode(), {}
     if query:

@@ -199,7 +199,10 @@ class BatchApplier:
                 event = CloudEvent.from_bytes(record.value or b"")
                 observer = self.handlers.observers.get(event.type)
                 if observer is not None:
-                    observer(event, event.payload())
+                    try:
+                        observer(event, event.payload())
+                    except Exception as e:  # a bug in what is only kept in memory
+                        log.error("observer failed", group=self.group, error=repr(e))
                     observed[event.type] += 1
                     continue
                 if event.type not in self.handlers.by_type:

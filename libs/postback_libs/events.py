@@ -227,6 +227,9 @@ class CallRejected(CallRef):
     reason: RejectReason
     detail: str = ""
     stage: Literal["routing", "settlement"]
+    api_id: str | None = Field(
+        None, description="The API, once it was found (absent for a call naming none)."
+    )
 
 
 @event("call.authorized", CALLS, "request_id")

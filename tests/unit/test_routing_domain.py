@@ -122,7 +122,15 @@ def test_unknown_api():
 
 
 def test_retired_api():
-    rejected(do_route(the_api=api(status="retired")), "api_retired")
+    result = rejected(do_route(the_api=api(status="retired")), "api_retired")
+    assert result.api_id == "api_1"  # found, so named: the consumer's webhook says which
+
+
+def test_a_call_naming_no_api_names_none():
+    assert (
+        rejected(route(request(), None, None, default_fee_bps=0, now=NOW), "unknown_api").api_id
+        is None
+    )
 
 
 def test_demo_mode_without_demo_endpoint():
@@ -382,3 +390,18 @@ def test_a_full_bucket_refilled_at_the_epoch_reads_as_a_fresh_one():
         at = NOW + timedelta(seconds=s)
         assert fresh.admit("acct_c", limited, at) == stored.admit("acct_c", limited, at)
     assert fresh.buckets == stored.buckets
+
+
+def test_an_upstream_is_benched_after_three_failures_each_counted_once():
+    from postback_routing.domain import UpstreamHealth
+
+    health = UpstreamHealth()
+    for _ in range(3):  # one failure read three times (its batch fetched again)
+        health.record("https://a", ok=False, at=NOW, event_id="evt_1")
+    assert health.unhealthy(NOW) == set()
+    health.record("https://a", ok=False, at=NOW, event_id="evt_2")
+    health.record("https://a", ok=False, at=NOW, event_id="evt_3")
+    assert health.unhealthy(NOW) == {"https://a"}
+    assert health.unhealthy(NOW + timedelta(seconds=31)) == set()  # tried again after
+    health.record("https://a", ok=True, at=NOW, event_id="evt_4")
+    assert health.unhealthy(NOW) == set()

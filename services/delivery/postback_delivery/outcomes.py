@@ -99,8 +99,8 @@ def messages_for(
     if isinstance(final, CallRejected):
         outcome_type, status = "call.rejected", "rejected"
         outcome: dict[str, Any] = {"reason": final.reason, "detail": final.detail}
-        # Settlement names the API routing resolved; routing, what the consumer sent.
-        api_id = final.api if final.stage == "settlement" else None
+        # Older events: settlement named the API in `api`, routing what the consumer sent.
+        api_id = final.api_id or (final.api if final.stage == "settlement" else None)
     else:
         api_id = final.api_id  # type: ignore[attr-defined]
         outcome_type = ctx.outcome_type or "call.failed"

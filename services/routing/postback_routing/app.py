@@ -65,7 +65,7 @@ async def admit_and_emit(uow: UnitOfWork) -> None:
         for c, api in to_admit:
             refusal = held.admit(c.req.consumer_id, api, c.event.time)
             if refusal is not None:
-                c.decision = reject(c.req, *refusal)
+                c.decision = reject(c.req, *refusal, c.api)
         await limits.save(uow.conn, held)
     for c in calls:
         uow.emit(c.decision, cause=c.event.id, traceparent=c.traceparent)
@@ -122,7 +122,7 @@ def build(settings: Settings) -> Service:
         if outcome.upstream_url is None:
             return
         failed = isinstance(outcome, CallFailed) and outcome.reason in UNHEALTHY_OUTCOMES
-        health.record(outcome.upstream_url, ok=not failed, at=event.time)
+        health.record(outcome.upstream_url, ok=not failed, at=event.time, event_id=event.id)
 
     @service.on_start
     async def follow_catalog() -> None:

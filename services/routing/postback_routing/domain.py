@@ -55,7 +55,9 @@ class Catalog:
         return max(holders, key=lambda a: (a.status == "active", a.api_id), default=None)
 
 
-def reject(req: CallRequested, reason: RejectReason, detail: str) -> CallRejected:
+def reject(
+    req: CallRequested, reason: RejectReason, detail: str, api: ApiState | None = None
+) -> CallRejected:
     return CallRejected(
         request_id=req.request_id,
         consumer_id=req.consumer_id,
@@ -63,6 +65,7 @@ def reject(req: CallRequested, reason: RejectReason, detail: str) -> CallRejecte
         reason=reason,
         detail=detail,
         stage="routing",
+        api_id=api.api_id if api is not None else None,
     )
 
 
@@ -102,8 +105,18 @@ class UpstreamHealth:
     cooldown: timedelta = timedelta(seconds=30)
     streaks: dict[str, int] = field(default_factory=dict)
     benched_until: dict[str, datetime] = field(default_factory=dict)
+    # The outcome events counted lately: one read again (a batch fetched again) must not
+    # count twice. Bounded, oldest forgotten first.
+    counted: dict[str, None] = field(default_factory=dict)
+    remember: int = 10_000
 
-    def record(self, upstream: str, ok: bool, at: datetime) -> None:
+    def record(self, upstream: str, ok: bool, at: datetime, event_id: str = "") -> None:
+        if event_id:
+            if event_id in self.counted:
+                return
+            self.counted[event_id] = None
+            if len(self.counted) > self.remember:
+                del self.counted[next(iter(self.counted))]
         if ok:
             self.streaks.pop(upstream, None)
             self.benched_until.pop(upstream, None)
@@ -204,23 +217,23 @@ def route(
     if api is None:
         return reject(req, "unknown_api", f"no API named {req.api!r}")
     if api.status == "retired":
-        return reject(req, "api_retired", f"API {api.slug!r} is retired")
+        return reject(req, "api_retired", f"API {api.slug!r} is retired", api)
     if owner is not None and owner.status == "suspended":
-        return reject(req, "owner_suspended", f"the owner of API {api.slug!r} is suspended")
+        return reject(req, "owner_suspended", f"the owner of API {api.slug!r} is suspended", api)
     candidates = [api.demo_endpoint] if req.mode == "demo" else [api.endpoint, *api.endpoints]
     if candidates == [None]:
-        return reject(req, "mode_not_available", f"API {api.slug!r} has no {req.mode} mode")
+        return reject(req, "mode_not_available", f"API {api.slug!r} has no {req.mode} mode", api)
     upstream = choose_upstream(req.request_id, [c for c in candidates if c], unhealthy or set())
     if req.method.upper() not in {m.upper() for m in api.methods}:
         return reject(
-            req, "method_not_allowed", f"{req.method} is not one of {', '.join(api.methods)}"
+            req, "method_not_allowed", f"{req.method} is not one of {', '.join(api.methods)}", api
         )
     if not path_allowed(req.path, api.path_prefixes):
-        return reject(req, "path_not_allowed", f"path {req.path!r} is not allowed")
+        return reject(req, "path_not_allowed", f"path {req.path!r} is not allowed", api)
     size = request_size(req)
     if size > api.max_request_bytes:
         return reject(
-            req, "payload_too_large", f"{size} bytes, the API accepts {api.max_request_bytes}"
+            req, "payload_too_large", f"{size} bytes, the API accepts {api.max_request_bytes}", api
         )
     return CallRouted(
         request_id=req.request_id,

@@ -121,6 +121,7 @@ def call_handlers(settings: Settings) -> Handlers:
                         consumer_id=call.consumer_id,
                         api=call.api_id,
                         reason="insufficient_funds",
+                        api_id=call.api_id,
                         detail=f"the call costs {call.price}, the balance available is "
                         f"{result.available}",
                         stage="settlement",

@@ -79,39 +79,23 @@ def router(service: Service) -> APIRouter:
                     f"the slug {state.slug!r} is or was another API's: calls by it must not "
                     "reach a different API",
                 )
+            # The slug is this API's (above), so only a concurrent change can stop these.
             if change is ApiRegistered:
-                stored = await uow.conn.fetchval(
-                    "INSERT INTO apis (api_id, slug, owner_id, state) VALUES ($1, $2, $3, $4)"
-                    " ON CONFLICT (slug) DO NOTHING RETURNING api_id",
+                await uow.conn.execute(
+                    "INSERT INTO apis (api_id, slug, owner_id, state) VALUES ($1, $2, $3, $4)",
                     state.api_id,
                     state.slug,
                     state.owner_id,
                     state.model_dump_json(),
                 )
-            else:
-                stored = await uow.conn.fetchval(
-                    "UPDATE apis SET slug = $2, state = $3, updated_at = now()"
-                    " WHERE api_id = $1 AND (state->>'version')::int = $4 - 1"
-                    " AND NOT EXISTS (SELECT 1 FROM apis o WHERE o.slug = $2 AND o.api_id <> $1)"
-                    " RETURNING api_id",
-                    state.api_id,
-                    state.slug,
-                    state.model_dump_json(),
-                    state.version,
-                )
-            if stored is None:
-                taken = await uow.conn.fetchval(
-                    "SELECT 1 FROM apis WHERE slug = $1 AND api_id <> $2",
-                    state.slug,
-                    state.api_id,
-                )
-                if taken:
-                    raise Problem(
-                        409,
-                        "slug-taken",
-                        "Slug taken",
-                        f"another API already uses the slug {state.slug!r}",
-                    )
+            elif not await uow.conn.fetchval(
+                "UPDATE apis SET slug = $2, state = $3, updated_at = now()"
+                " WHERE api_id = $1 AND (state->>'version')::int = $4 - 1 RETURNING api_id",
+                state.api_id,
+                state.slug,
+                state.model_dump_json(),
+                state.version,
+            ):
                 raise Problem(
                     409,
                     "concurrent-update",

@@ -201,10 +201,11 @@ def router(service: Service) -> APIRouter:
         async with service.unit_of_work() as uow:
             row = await load(caller, endpoint_id, uow.conn, lock=True)
             state = EndpointState.model_validate_json(row["state"])
+            # Null is possible only where it clears (EndpointUpdate refuses it elsewhere).
             changes: dict[str, Any] = {
                 k: v
                 for k, v in body.model_dump(mode="json", exclude={"retry_policy"}).items()
-                if k in sent and (v is not None or k in ("rate_limit_per_second", "max_in_flight"))
+                if k in sent
             }
             if "retry_policy" in sent:
                 changes |= _policy_fields(body.retry_policy)

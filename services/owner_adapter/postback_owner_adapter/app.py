@@ -291,8 +291,7 @@ def build(settings: Settings) -> Service:
             return rows
         rows = await service.pool.fetch(
             "UPDATE dispatches SET status = 'dispatching', attempts = attempts + 1,"
-            " lease_until = least(deadline, now() + make_interval(secs => $2))"
-            "   + make_interval(secs => $3), updated_at = now()"
+            f" lease_until = {intake.lease_until('$2', '$3')}, updated_at = now()"
             " WHERE request_id IN (SELECT request_id FROM dispatches"
             "   WHERE ((status = 'pending' AND next_attempt_at <= now())"
             "      OR (status = 'dispatching' AND lease_until < now()))"

@@ -24,6 +24,14 @@ SELECT r.*, 'routed' FROM unnest($1::text[], $2::text[], $3::text[], $4::text[],
 ON CONFLICT DO NOTHING
 RETURNING request_id
 """
+
+
+def lease_until(cap: str, slack: str) -> str:
+    """SQL for when a claim's lease ends, given the parameters holding the request's cap (NULL:
+    none, it may take until the deadline) and the slack: the request's end, then the slack."""
+    return f"least(deadline, now() + make_interval(secs => {cap})) + make_interval(secs => {slack})"
+
+
 # Authorized calls are due at once; only a dispatch still 'routed' moves. Those this replica has
 # room for it claims at once, as the work queue's claim would: leased, so that if this replica
 # dies before it dispatches them another claims them when the lease runs out.
@@ -31,12 +39,11 @@ MOVE = """
 UPDATE dispatches d SET status = m.status, updated_at = now(),
     next_attempt_at = CASE WHEN m.status <> 'cancelled' THEN now() END,
     attempts = d.attempts + (m.status = 'dispatching')::int,
-    lease_until = CASE WHEN m.status = 'dispatching' THEN
-        least(d.deadline, now() + make_interval(secs => $3)) + make_interval(secs => $4) END
+    lease_until = CASE WHEN m.status = 'dispatching' THEN {lease} END
 FROM unnest($1::text[], $2::text[]) AS m(request_id, status)
 WHERE d.request_id = m.request_id AND d.status = 'routed'
 RETURNING d.*
-"""
+""".format(lease=lease_until("$3", "$4"))
 
 Move = Literal["pending", "cancelled"]
 

@@ -24,7 +24,6 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -124,15 +123,18 @@ class AddressPolicy:
             candidates.append(ip.ipv4_mapped)
         return any(c in net for net in self._allowed for c in candidates)
 
-    def refuses_url(self, url: str) -> str | None:
-        """The host of a URL whose literal IP address this policy refuses, else None. Names
-        pass: they are checked on the address they resolve to at each request."""
-        host = urlsplit(url).hostname or ""
+    def refuses_host(self, host: str) -> bool:
+        """Whether `host` is a literal IP address (IPv6 with or without brackets) this policy
+        refuses. Names pass: they are checked on the address they resolve to at each request;
+        and are not parsed as addresses, so the usual case costs no exception."""
+        host = host.strip("[]")
+        if not host or not (host[0].isdigit() or ":" in host):
+            return False
         try:
             ip = ipaddress.ip_address(host)
         except ValueError:
-            return None
-        return None if self.allows(ip) else host
+            return False
+        return not self.allows(ip)
 
     def allows_host(self, host: str) -> bool:
         """`allows` for a numeric host string as sockets report it; anything else is refused."""

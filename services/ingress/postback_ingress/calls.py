@@ -18,7 +18,7 @@ from starlette.types import Receive, Scope, Send
 from postback_ingress.auth import Caller, KeyCache
 from postback_ingress.group_commit import CallWriter
 from postback_ingress.models import CallAccepted, CallRequest
-from postback_ingress.webhooks import check_url
+from postback_ingress.webhooks import check_host
 from postback_libs.events import CALLS, CallRequested, Entry, new_event
 from postback_libs.http import App, Problem
 from postback_libs.ids import new_request_id
@@ -54,7 +54,7 @@ async def accept_call(
         )
     # A webhook URL no attempt may reach would be charged for, then retried for a day.
     if req.webhook_url is not None:
-        check_url(str(req.webhook_url), guard)
+        check_host(req.webhook_url.host or "", guard)
     # A NUL would fail the whole batch's insert, not just this call (Postgres text refuses it).
     if idempotency_key is not None and not (
         1 <= len(idempotency_key) <= 255 and "\x00" not in idempotency_key

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 from fastapi import APIRouter, Query, Request, Response
@@ -84,11 +85,14 @@ def _check_event_types(patterns: list[str]) -> None:
         )
 
 
-def check_url(url: str, policy: AddressPolicy) -> None:
-    """Refuse an IP-literal URL the guard would refuse at every attempt anyway."""
-    host = policy.refuses_url(url)
-    if host is not None:
+def check_host(host: str, policy: AddressPolicy) -> None:
+    """Refuse an IP-literal host the guard would refuse at every attempt anyway."""
+    if policy.refuses_host(host):
         raise Problem(422, "url-not-allowed", "URL not allowed", f"{host} is not a public address")
+
+
+def check_url(url: str, policy: AddressPolicy) -> None:
+    check_host(urlsplit(url).hostname or "", policy)
 
 
 def router(service: Service) -> APIRouter:

@@ -20,7 +20,7 @@ from postback_ingress.models import (
     Suspension,
 )
 from postback_ingress.models import AccountCreated as AccountCreatedView
-from postback_ingress.operator_requests import once
+from postback_ingress.operator_requests import once, require_balance
 from postback_libs.events import (
     AccountCreated,
     AccountKeyRotated,
@@ -115,19 +115,7 @@ def router(service: Service) -> APIRouter:
         """Credit a consumer's balance from operator funding (operator); settlement applies
         it. Sent again with the same `Idempotency-Key`, it is the same credit."""
         operator(request)
-        roles = await service.pool.fetchval(
-            "SELECT roles FROM accounts WHERE account_id = $1", account_id
-        )
-        if roles is None:
-            raise Problem(404, "account-not-found", "Account not found", f"no account {account_id}")
-        if "consumer" not in roles:  # the money would land on a balance nobody can use
-            raise Problem(
-                422,
-                "role-required",
-                "The account is not a consumer",
-                f"account {account_id} has no consumer balance to credit; correct an owner's "
-                "balance with /corrections",
-            )
+        await require_balance(service.pool, account_id, "consumer", "credit")
         async with service.unit_of_work() as uow:
             credit_id, new = await once(
                 uow.conn,

@@ -1,4 +1,5 @@
-"""The operator's money requests (credits, corrections) made once per Idempotency-Key."""
+"""The operator's money requests (credits, corrections): to a balance that exists, and made
+once per Idempotency-Key."""
 
 from __future__ import annotations
 
@@ -9,6 +10,21 @@ from typing import Any
 from pydantic import BaseModel
 
 from postback_libs.http import Problem
+
+
+async def require_balance(pool: Any, account_id: str, role: str, action: str) -> None:
+    """404 for an unknown account; 422 if it has no `role` balance (money moved to it would
+    land where nobody can use it)."""
+    roles = await pool.fetchval("SELECT roles FROM accounts WHERE account_id = $1", account_id)
+    if roles is None:
+        raise Problem(404, "account-not-found", "Account not found", f"no account {account_id}")
+    if role not in roles:
+        raise Problem(
+            422,
+            "role-required",
+            f"The account is not a {role}",
+            f"account {account_id} has no {role} balance to {action}",
+        )
 
 
 async def once(

@@ -12,10 +12,9 @@ from pydantic import BaseModel, Field, StrictInt, field_validator
 
 from postback_ingress.auth import authenticate, require_operator, require_role
 from postback_ingress.models import Input, Instant
-from postback_ingress.operator_requests import once
+from postback_ingress.operator_requests import once, require_balance
 from postback_ingress.paging import decode_cursor, encode_cursor
 from postback_libs.events import MAX_MONEY, CorrectionRequested
-from postback_libs.http import Problem
 from postback_libs.ids import uuid7_hex
 from postback_libs.runtime import Service
 
@@ -157,14 +156,6 @@ def router(service: Service) -> APIRouter:
     api = APIRouter(tags=["accounts"])
     settings = service.settings
 
-    async def account_roles(account_id: str) -> list[str]:
-        roles = await service.pool.fetchval(
-            "SELECT roles FROM accounts WHERE account_id = $1", account_id
-        )
-        if roles is None:
-            raise Problem(404, "account-not-found", "Account not found", f"no account {account_id}")
-        return list(roles)
-
     @api.post(
         "/v1/accounts/{account_id}/corrections", status_code=202, response_model=CorrectionView
     )
@@ -176,13 +167,7 @@ def router(service: Service) -> APIRouter:
         below zero; follow it at `GET /v1/accounts/{account_id}/corrections`. Sent again with
         the same `Idempotency-Key`, it is the same correction."""
         require_operator(request, settings.operator_token.get_secret_value())
-        if body.role not in await account_roles(account_id):
-            raise Problem(
-                422,
-                "role-required",
-                f"The account is not a {body.role}",
-                f"account {account_id} has no {body.role} balance to correct",
-            )
+        await require_balance(service.pool, account_id, body.role, "correct")
         async with service.unit_of_work() as uow:
             correction_id, new = await once(
                 uow.conn,

@@ -47,6 +47,15 @@ Observer = Callable[[CloudEvent, Any], None]
 BatchHook = Callable[[UnitOfWork], Awaitable[None]]
 
 
+RECORD_POSITIONS = """
+INSERT INTO applied_positions (consumer, topic, partition, next_offset)
+SELECT $1, u.topic, u.partition, u.next_offset
+FROM unnest($2::text[], $3::int[], $4::bigint[]) AS u(topic, partition, next_offset)
+ON CONFLICT (consumer, topic, partition) DO UPDATE
+    SET next_offset = greatest(applied_positions.next_offset, EXCLUDED.next_offset)
+"""
+
+
 class Handlers:
     """Which event types a consumer group reacts to, and how."""
 
@@ -63,6 +72,7 @@ class Handlers:
         max_records: int | None = None,
         background: bool = False,
         remember_forever: bool = False,
+        records_positions: bool = False,
     ) -> None:
         """`before_batch` runs first in each batch's transaction (a lock, say); `after_batch`
         runs last, before the commit (writing rows the handlers gathered in `uow.scratch`).
@@ -75,8 +85,12 @@ class Handlers:
         call waits on this group on its way to a webhook, so it fetches with the longer
         `POSTBACK_KAFKA_BACKGROUND_FETCH_MAX_WAIT_MS`. `remember_forever=True`: the inbox keeps
         this group's event ids for good (requests on a topic kept for ever, whose refusal leaves
-        nothing else behind: replayed after a reset, one must not be applied after all)."""
+        nothing else behind: replayed after a reset, one must not be applied after all).
+        `records_positions=True`: each batch also records, in its transaction, the next offset
+        of each partition it applied (table `applied_positions`), for whoever must know exactly
+        what the group's rows hold."""
         self.group, self.topic = group, topic
+        self.records_positions = records_positions
         self.background, self.remember_forever = background, remember_forever
         self.typed, self.idempotent, self.max_records = typed, idempotent, max_records
         self.by_type: dict[str, Handler] = {}
@@ -291,12 +305,24 @@ class BatchApplier:
                 outcomes[(d.event.type, "applied")] += 1
             if self.handlers.after_batch is not None:
                 await self.handlers.after_batch(uow)
+            if self.handlers.records_positions:
+                await self._record_positions(conn, batch)
             await uow.flush()
         self.on_commit()
         if self.handlers.after_commit is not None:
             self.handlers.after_commit()
         for (type_, outcome), n in outcomes.items():
             EVENTS_CONSUMED.labels(self.group, type_, outcome).inc(n)
+
+    async def _record_positions(self, conn: Any, batch: list[Decoded]) -> None:
+        ends = {(d.record.topic, d.record.partition): d.record.offset + 1 for d in batch}
+        await conn.execute(
+            RECORD_POSITIONS,
+            self.group,
+            [t for t, _ in ends],
+            [p for _, p in ends],
+            list(ends.values()),
+        )
 
     async def _record_in_inbox(self, conn: Any, batch: list[Decoded]) -> set[str]:
         """The batch's event ids not handled before, now recorded as handled."""

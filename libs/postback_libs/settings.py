@@ -239,6 +239,10 @@ class Settings(BaseSettings):
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"
 
+    def consumer_group(self, group: str) -> str:
+        """The Kafka consumer group id of one of Postback's groups (`routing`, ...)."""
+        return f"{self.topic_prefix}postback-{group}"
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

@@ -51,7 +51,7 @@ class Subscription:
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.kafka_bootstrap,
             client_id=client_id,
-            group_id=f"{settings.topic_prefix}postback-{applier.group}",
+            group_id=settings.consumer_group(applier.group),
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             session_timeout_ms=settings.kafka_session_timeout_ms,

@@ -22,6 +22,7 @@ def handler_sets(*, live: bool = True) -> list[Handlers]:
     sets = [calls.handlers(), ledger.handlers(), deliveries.handlers()]
     for handlers in sets:
         handlers.before_batch = hold_swap_lock if live else None
+        handlers.records_positions = live  # how far a rebuild must replay (rebuild.py)
         # Set-based writes: a batch's fixed costs (a commit, a lock, a few round trips) spread
         # over four times the services' default; nobody waits on a single event here.
         handlers.max_records = BATCH_RECORDS

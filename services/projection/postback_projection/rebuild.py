@@ -26,8 +26,11 @@ from postback_projection.calls import SWAP_LOCK
 
 LIVE = "projection"
 REBUILD = "projection_rebuild"
-KEEP_OUT = {"schema_migrations", "outbox"}
+KEEP_OUT = {"schema_migrations", "outbox", "applied_positions"}
 Progress = Callable[[int, int], None]
+Positions = dict[TopicPartition, int]
+FETCH_WAIT_MS = 300
+IDLE_FETCHES = 10  # empty waits in a row before a replay stops short of where it aimed
 
 
 class IncompleteHistory(Exception):
@@ -46,7 +49,13 @@ class Replay:
             for h in handler_sets(live=False)
         }
         self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False, group_id=None
+            bootstrap_servers=settings.kafka_bootstrap,
+            enable_auto_commit=False,
+            group_id=None,
+            # Well inside a wait for records (FETCH_WAIT_MS): a broker that answers a fetch
+            # only when its wait ends (the embedded one) has answered before that wait ends,
+            # so a wait that found nothing means nothing is left.
+            fetch_max_wait_ms=FETCH_WAIT_MS // 3,
         )
         self.gaps = OffsetGaps("projection rebuild")
         self.applied = 0
@@ -73,23 +82,33 @@ class Replay:
             self.consumer, [tp for tp in self.partitions if guarded(tp.topic.removeprefix(prefix))]
         )
 
-    async def until_end(self, progress: Progress, *, settle: bool = True) -> None:
+    async def until_end(
+        self, progress: Progress, *, settle: bool = True, floor: Positions | None = None
+    ) -> None:
         """Apply everything the topics hold now, and what arrives while doing so, until a
-        fetch comes back empty. The end offsets are a floor, not the stop: some brokers report
-        them a batch behind, and reading past them is harmless (the live projection applies
-        again what was already applied, which changes nothing). `settle=False` stops at the
-        end offsets: under the swap lock, what comes after them the live projection applies
-        to the new tables once it has the lock back, so chasing it would only hold the lock.
+        fetch comes back empty. The end offsets are a floor, not the stop: some brokers (the
+        embedded one) report them a batch behind, and reading past them is harmless (the live
+        projection applies again what was already applied, which changes nothing).
+        `settle=False` stops at the end offsets, or at `floor` where it is further: under the
+        swap lock, what comes after what the live projection has applied it applies to the new
+        tables once it has the lock back, so chasing it would only hold the lock.
 
         Each topic's batches are written in order; the topics' writes run side by side, and
         the next records are decoded while they do."""
         ends = await self.consumer.end_offsets(self.partitions)
+        for tp, position in (floor or {}).items():
+            if tp in ends:  # the table may name topics of another prefix
+                ends[tp] = max(ends[tp], position)
         total = sum(ends.values())
         behind = {tp for tp, end in ends.items() if await self.consumer.position(tp) < end}
         writing: list[asyncio.Task[None]] = []
+        idle = 0  # fetches in a row that waited and found nothing
         for _ in range(100_000):
+            # Only a fetch that waited says nothing is left: one that did not (writes were
+            # running) returns only what had arrived.
+            waited = not writing
             fetched = await self.consumer.getmany(
-                timeout_ms=0 if writing else 300, max_records=5000
+                timeout_ms=0 if writing else FETCH_WAIT_MS, max_records=5000
             )
             batches = (await self.gaps.take(self.consumer, fetched)).records
             by_topic: dict[str, list[Any]] = {}
@@ -104,8 +123,11 @@ class Replay:
             self.applied += sum(n for _, _, n in decoded)
             behind = {tp for tp in behind if await self.consumer.position(tp) < ends[tp]}
             progress(self.applied, max(total, self.applied))
-            if not behind and not self.gaps.waiting() and (not fetched or not settle):
-                return
+            idle = idle + 1 if waited and not fetched else 0
+            if not behind and not self.gaps.waiting() and (idle or not settle):
+                break
+            if idle >= IDLE_FETCHES:  # a floor past what the topics hold: their log was lost
+                break
         await asyncio.gather(*writing)
 
     async def stop(self) -> None:
@@ -136,6 +158,17 @@ async def _tables(conn: Any, schema: str) -> list[str]:
         schema,
     )
     return [r["table_name"] for r in rows if r["table_name"] not in KEEP_OUT]
+
+
+async def _applied_live(conn: Any) -> Positions:
+    """How far the live projection has applied each partition, as its tables hold it: under
+    the swap lock it applies nothing more, and the rebuilt tables must hold at least as much.
+    The end offsets cannot say so on a broker that reports them a batch behind."""
+    rows = await conn.fetch(
+        f'SELECT topic, partition, max(next_offset) AS next_offset FROM "{LIVE}".applied_positions'
+        " GROUP BY topic, partition"
+    )
+    return {TopicPartition(r["topic"], r["partition"]): r["next_offset"] for r in rows}
 
 
 async def _check_nothing_lost(conn: Any) -> None:
@@ -178,7 +211,7 @@ async def rebuild(
             # Live batches wait from here; the replay takes what arrived meanwhile, then the
             # tables change hands in this one transaction.
             await admin.execute("SELECT pg_advisory_xact_lock($1)", SWAP_LOCK)
-            await replay.until_end(progress, settle=False)
+            await replay.until_end(progress, settle=False, floor=await _applied_live(admin))
             if not partial:
                 await _check_nothing_lost(admin)
             swapping = time.perf_counter()

@@ -459,6 +459,14 @@ class BalanceLow(ConsumerLedgerEvent):
 # postback.catalog ---------------------------------------------------------------------------
 
 
+class RetiredSecret(BaseModel):
+    """A secret version replaced by a rotation that still signs messages until `valid_until`."""
+
+    model_config = ConfigDict(frozen=True)
+    version: int = Field(ge=1)
+    valid_until: datetime
+
+
 class ApiState(BaseModel):
     """The full state of an API; each catalog event carries all of it (the topic is compacted)."""
 
@@ -483,7 +491,10 @@ class ApiState(BaseModel):
     max_duration_seconds: int = Field(300, ge=1)
     max_request_bytes: int = Field(262_144, ge=1)
     max_result_bytes: int = Field(1_048_576, ge=1)
-    signing_secret_version: int = 1
+    signing_secret_version: int = Field(1, ge=1)
+    retired_signing_secrets: list[RetiredSecret] = Field(
+        default_factory=list, description="Rotated-out signing secret versions still signing."
+    )
     rate_limit_per_second: float | None = Field(
         None, gt=0, description="Per consumer: sustained calls per second (token bucket)."
     )
@@ -527,6 +538,12 @@ class AccountState(BaseModel):
     status: Literal["active", "suspended"] = "active"
     key_id: str
     key_hash: str = Field(description="SHA-256 of the secret; the secret itself is never stored.")
+    webhook_secret_version: int = Field(
+        1, ge=1, description="Of the secret signing messages to the account's calls' webhook_url."
+    )
+    retired_webhook_secrets: list[RetiredSecret] = Field(
+        default_factory=list, description="Rotated-out webhook secret versions still signing."
+    )
 
 
 class AccountChange(EventData):
@@ -549,6 +566,14 @@ class AccountKeyRotated(AccountChange):
     previous_key_valid_until: datetime
 
 
+@event("account.webhook_secret_rotated", ACCOUNTS)
+class AccountWebhookSecretRotated(AccountChange):
+    """The secret signing messages to the account's calls' `webhook_url` was rotated; the
+    previous one signs too until the time given."""
+
+    previous_secret_valid_until: datetime
+
+
 @event("account.suspended", ACCOUNTS)
 class AccountSuspended(AccountChange):
     """The account may make no calls until it is reinstated."""
@@ -562,14 +587,6 @@ class AccountReinstated(AccountChange):
 
 
 # postback.webhooks --------------------------------------------------------------------------
-
-
-class RetiredSecret(BaseModel):
-    """A secret version replaced by a rotation that still signs messages until `valid_until`."""
-
-    model_config = ConfigDict(frozen=True)
-    version: int = Field(ge=1)
-    valid_until: datetime
 
 
 class EndpointState(BaseModel):

@@ -179,13 +179,18 @@ class App(FastAPI):
         responses = {**PROBLEM_RESPONSES, **kwargs.pop("responses", {})}
         super().__init__(telemetry=telemetry, responses=responses, **kwargs)
         self.direct_routes: dict[tuple[str, str], ASGIApp] = {}
+        # What routes name in their `security` (OpenAPI security scheme objects by name).
+        self.security_schemes: dict[str, Any] = {}
 
     def openapi(self) -> dict[str, Any]:
         """FastAPI's document, with each problem described under the media type it is sent
-        as (`application/problem+json`), not `application/json`."""
+        as (`application/problem+json`), not `application/json`, and the security schemes
+        its routes name."""
         schema = self.openapi_schema
         if schema is None:
             schema = super().openapi()
+            if self.security_schemes:
+                schema.setdefault("components", {})["securitySchemes"] = self.security_schemes
             for operations in schema.get("paths", {}).values():
                 for operation in operations.values():
                     for response in operation.get("responses", {}).values():

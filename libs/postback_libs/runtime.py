@@ -16,6 +16,8 @@ from aiokafka import AIOKafkaProducer
 
 from postback_libs.consumer import BatchApplier, Handlers, purge_inbox
 from postback_libs.db import DATABASE_ERRORS, create_pool, migrate, schema_for
+from postback_libs.events import CloudEvent, Topic
+from postback_libs.follower import TopicFollower
 from postback_libs.http import (
     App,
     ReadinessCheck,
@@ -75,6 +77,7 @@ class Service:
         self._handlers: list[Handlers] = []
         self._workers: list[Worker] = []
         self.purges: list[Worker] = []
+        self.followers: list[TopicFollower] = []
         self._on_start: list[Worker] = []
         self._on_stop: list[Worker] = []
         self._stop_requested = asyncio.Event()
@@ -91,6 +94,17 @@ class Service:
 
     def consume(self, handlers: Handlers) -> None:
         self._handlers.append(handlers)
+
+    def follow(self, topic: Topic, apply: Callable[[CloudEvent], None]) -> TopicFollower:
+        """Follow a compacted topic into memory from its start, in every replica, while the
+        service runs (no consumer group: each replica needs all of it)."""
+        follower = TopicFollower(
+            self.settings.kafka_bootstrap, self.settings.topic(topic.name), apply, self.crashed
+        )
+        self.followers.append(follower)
+        self.on_start(follower.start)
+        self.on_stop(follower.stop)
+        return follower
 
     def worker(self, fn: Worker) -> Worker:
         """A long-running coroutine that stops when the service is stopping."""

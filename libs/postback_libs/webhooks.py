@@ -27,6 +27,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from postback_libs import rotation
 from postback_libs.events import EndpointState
 from postback_libs.outbound import ErrorKind, classify_error, read_capped
 from postback_libs.signing import (
@@ -129,11 +130,8 @@ def sign_asymmetric(key: Ed25519PrivateKey, msg_id: str, timestamp: int, body: b
 
 
 def valid_versions(endpoint: EndpointState, now: datetime) -> list[int]:
-    """The current secret version first, then rotated-out versions still within their overlap."""
-    if not endpoint.retired_secrets:
-        return [endpoint.secret_version]
-    retired = [r.version for r in endpoint.retired_secrets if r.valid_until > now]
-    return list(dict.fromkeys([endpoint.secret_version, *retired]))
+    """The endpoint's current secret version first, then those still within their overlap."""
+    return rotation.valid_versions(endpoint.secret_version, endpoint.retired_secrets, now)
 
 
 def endpoint_signature(

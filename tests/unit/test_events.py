@@ -139,6 +139,9 @@ MINIMAL: dict[str, EventData] = {
     "api.retired": ev.ApiRetired(api=API),
     "account.created": ev.AccountCreated(account=ACCOUNT),
     "account.key_rotated": ev.AccountKeyRotated(account=ACCOUNT, previous_key_valid_until=T0),
+    "account.webhook_secret_rotated": ev.AccountWebhookSecretRotated(
+        account=ACCOUNT, previous_secret_valid_until=T0
+    ),
     "account.suspended": ev.AccountSuspended(account=ACCOUNT),
     "account.reinstated": ev.AccountReinstated(account=ACCOUNT),
     "endpoint.created": ev.EndpointCreated(endpoint=ENDPOINT),

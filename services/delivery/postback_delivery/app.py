@@ -12,7 +12,9 @@ from postback_delivery.dispatch import USER_AGENT, Dispatcher, Sender
 from postback_delivery.recorder import Recorder
 from postback_delivery.store import Queue
 from postback_libs.db import delete_in_chunks
+from postback_libs.events import ACCOUNTS
 from postback_libs.outbound import AddressPolicy, guarded_session
+from postback_libs.rotation import SecretVersions, webhook_secret_versions
 from postback_libs.runtime import Service
 from postback_libs.settings import Settings
 
@@ -20,7 +22,10 @@ from postback_libs.settings import Settings
 def build(settings: Settings) -> Service:
     service = Service("delivery", "postback_delivery", settings)
     http: dict[str, aiohttp.ClientSession] = {}
-    sender = Sender(settings, lambda: http["session"])
+    # Which webhook secrets of each consumer sign its calls' messages, followed in every replica.
+    consumer_secrets = SecretVersions(webhook_secret_versions)
+    service.follow(ACCOUNTS, consumer_secrets.apply)
+    sender = Sender(settings, lambda: http["session"], consumer_secrets)
     recorder = Recorder(service, settings)
 
     # The queue gets its pool once the service has started.

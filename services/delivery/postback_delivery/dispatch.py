@@ -27,6 +27,7 @@ from postback_delivery.recorder import Outcome, Recorder
 from postback_delivery.store import Claimed, Queue
 from postback_libs.db import DATABASE_ERRORS
 from postback_libs.logging import get_logger
+from postback_libs.rotation import SecretVersions
 from postback_libs.settings import Settings
 from postback_libs.signing import derive_secret, signature_header
 from postback_libs.webhooks import (
@@ -57,16 +58,24 @@ OUTSTANDING = Gauge(
 
 
 @functools.lru_cache(maxsize=8192)
-def _consumer_secret(master: bytes, account_id: str) -> str:
-    # Cached, and bounded: every attempt signs, and there is one secret per consumer account.
-    return derive_secret(master, "consumer", account_id)
+def _consumer_secret(master: bytes, account_id: str, version: int) -> str:
+    # Cached, and bounded: every attempt signs, and a consumer account has a secret or two.
+    return derive_secret(master, "consumer", account_id, version)
 
 
 class Sender:
-    """One attempt: sign with every valid secret of the destination, post, judge the answer."""
+    """One attempt: sign with every valid secret of the destination, post, judge the answer.
+    A call's own webhook_url is signed with its consumer's webhook secrets, an endpoint with
+    its own."""
 
-    def __init__(self, settings: Settings, session: Callable[[], aiohttp.ClientSession]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        session: Callable[[], aiohttp.ClientSession],
+        consumer_secrets: SecretVersions,
+    ) -> None:
         self.master = settings.master_key()
+        self.consumer_secrets = consumer_secrets
         self.default = RetryPolicy(tuple(settings.retry_delays))
         self.session = session
         self.rng = random.Random()
@@ -86,8 +95,11 @@ class Sender:
             return endpoint_signature(
                 self.master, e.endpoint_id, e.signing, versions, c.message_id, timestamp, c.body
             )
-        secret = _consumer_secret(self.master, c.account_id)
-        return signature_header([secret], c.message_id, timestamp, c.body)
+        secrets = [
+            _consumer_secret(self.master, c.account_id, v)
+            for v in self.consumer_secrets.valid(c.account_id, now)
+        ]
+        return signature_header(secrets, c.message_id, timestamp, c.body)
 
     async def attempt(self, c: Claimed) -> Outcome:
         now = datetime.now(UTC)

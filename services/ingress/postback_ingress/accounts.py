@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from fastapi import APIRouter, Request
 
-from postback_ingress.auth import authenticate, authenticate_current_key, require_operator
+from postback_ingress.auth import (
+    ACCOUNT_KEY,
+    OPERATOR_TOKEN,
+    authenticate,
+    authenticate_current_key,
+    require_operator,
+)
 from postback_ingress.models import (
     AccountCreate,
     AccountView,
@@ -17,7 +24,9 @@ from postback_ingress.models import (
     CreditCreate,
     KeyRotated,
     KeyRotation,
+    SecretRotation,
     Suspension,
+    WebhookSecretRotated,
 )
 from postback_ingress.models import AccountCreated as AccountCreatedView
 from postback_ingress.operator_requests import once, require_balance
@@ -27,10 +36,12 @@ from postback_libs.events import (
     AccountReinstated,
     AccountState,
     AccountSuspended,
+    AccountWebhookSecretRotated,
     CreditRequested,
 )
 from postback_libs.http import Problem
 from postback_libs.ids import uuid7_hex
+from postback_libs.rotation import rotate
 from postback_libs.runtime import Service
 from postback_libs.signing import derive_secret, generate_api_key, hash_secret, parse_api_key
 
@@ -52,7 +63,13 @@ def router(service: Service) -> APIRouter:
     def operator(request: Request) -> None:
         require_operator(request, settings.operator_token.get_secret_value())
 
-    @api.post("/v1/accounts", status_code=201, response_model=AccountCreatedView, tags=["accounts"])
+    @api.post(
+        "/v1/accounts",
+        status_code=201,
+        response_model=AccountCreatedView,
+        tags=["accounts"],
+        openapi_extra=OPERATOR_TOKEN,
+    )
     async def create_account(body: AccountCreate, request: Request) -> AccountCreatedView:
         """Create a consumer and/or owner account (operator). The secret is shown only here."""
         operator(request)
@@ -84,7 +101,9 @@ def router(service: Service) -> APIRouter:
             webhook_secret=derive_secret(master, "consumer", account_id),
         )
 
-    @api.get("/v1/accounts/me", response_model=AccountView, tags=["accounts"])
+    @api.get(
+        "/v1/accounts/me", response_model=AccountView, tags=["accounts"], openapi_extra=ACCOUNT_KEY
+    )
     async def me(request: Request) -> AccountView:
         caller = await authenticate(service.pool, request)
         row = await service.pool.fetchrow(
@@ -110,6 +129,7 @@ def router(service: Service) -> APIRouter:
         status_code=202,
         response_model=CreditAccepted,
         tags=["accounts"],
+        openapi_extra=OPERATOR_TOKEN,
     )
     async def credit(account_id: str, body: CreditCreate, request: Request) -> CreditAccepted:
         """Credit a consumer's balance from operator funding (operator); settlement applies
@@ -138,15 +158,22 @@ def router(service: Service) -> APIRouter:
 
     async def account_state(conn: Any, account_id: str) -> AccountState:
         row = await conn.fetchrow(
-            "SELECT account_id, name, roles, status, key_id, key_hash FROM accounts"
-            " WHERE account_id = $1 FOR UPDATE",
+            "SELECT account_id, name, roles, status, key_id, key_hash, webhook_secret_version,"
+            " retired_webhook_secrets FROM accounts WHERE account_id = $1 FOR UPDATE",
             account_id,
         )
         if row is None:
             raise Problem(404, "account-not-found", "Account not found", f"no account {account_id}")
-        return AccountState(**dict(row))
+        return AccountState.model_validate(
+            {**dict(row), "retired_webhook_secrets": json.loads(row["retired_webhook_secrets"])}
+        )
 
-    @api.post("/v1/accounts/me/keys/rotate", response_model=KeyRotated, tags=["accounts"])
+    @api.post(
+        "/v1/accounts/me/keys/rotate",
+        response_model=KeyRotated,
+        tags=["accounts"],
+        openapi_extra=ACCOUNT_KEY,
+    )
     async def rotate_key(request: Request, body: KeyRotation | None = None) -> KeyRotated:
         """A new secret, shown once; the previous one keeps working for the overlap so clients
         can switch without downtime (`overlap_seconds: 0` revokes it at once). Only the current
@@ -171,6 +198,47 @@ def router(service: Service) -> APIRouter:
             uow.emit(AccountKeyRotated(account=state, previous_key_valid_until=valid_until))
         return KeyRotated(secret=secret, previous_key_valid_until=valid_until)
 
+    @api.post(
+        "/v1/accounts/me/webhook-secret/rotate",
+        response_model=WebhookSecretRotated,
+        tags=["accounts"],
+        openapi_extra=ACCOUNT_KEY,
+    )
+    async def rotate_webhook_secret(
+        request: Request, body: SecretRotation | None = None
+    ) -> WebhookSecretRotated:
+        """A new secret for the messages to your calls' `webhook_url`, shown once. The previous
+        one keeps signing for the overlap (every message carries both signatures), so your
+        receiver can switch without dropping a message; `overlap_seconds: 0` revokes every
+        older secret at once."""
+        caller = await authenticate(service.pool, request)
+        overlap = settings.webhook_secret_overlap_seconds
+        if body is not None and body.overlap_seconds is not None:
+            overlap = body.overlap_seconds
+        now = datetime.now(UTC)
+        until = now + timedelta(seconds=overlap)
+        async with service.unit_of_work() as uow:
+            current = await account_state(uow.conn, caller.account_id)
+            version, retired = rotate(
+                current.webhook_secret_version, current.retired_webhook_secrets, overlap, now
+            )
+            await uow.conn.execute(
+                "UPDATE accounts SET webhook_secret_version = $2, retired_webhook_secrets = $3"
+                " WHERE account_id = $1",
+                caller.account_id,
+                version,
+                json.dumps([r.model_dump(mode="json") for r in retired]),
+            )
+            state = current.model_copy(
+                update={"webhook_secret_version": version, "retired_webhook_secrets": retired}
+            )
+            uow.emit(AccountWebhookSecretRotated(account=state, previous_secret_valid_until=until))
+        return WebhookSecretRotated(
+            webhook_secret=derive_secret(master, "consumer", caller.account_id, version),
+            webhook_secret_version=version,
+            previous_secret_valid_until=until if overlap > 0 else None,
+        )
+
     async def set_status(account_id: str, status: str, reason: str) -> AccountView:
         async with service.unit_of_work() as uow:
             current = await account_state(uow.conn, account_id)
@@ -188,13 +256,23 @@ def router(service: Service) -> APIRouter:
             account_id=account_id, name=current.name, roles=list(current.roles), status=status
         )
 
-    @api.post("/v1/accounts/{account_id}/suspend", response_model=AccountView, tags=["accounts"])
+    @api.post(
+        "/v1/accounts/{account_id}/suspend",
+        response_model=AccountView,
+        tags=["accounts"],
+        openapi_extra=OPERATOR_TOKEN,
+    )
     async def suspend(account_id: str, body: Suspension, request: Request) -> AccountView:
         """Suspend an account (operator): its new calls are refused with `account_suspended`."""
         operator(request)
         return await set_status(account_id, "suspended", body.reason)
 
-    @api.post("/v1/accounts/{account_id}/reinstate", response_model=AccountView, tags=["accounts"])
+    @api.post(
+        "/v1/accounts/{account_id}/reinstate",
+        response_model=AccountView,
+        tags=["accounts"],
+        openapi_extra=OPERATOR_TOKEN,
+    )
     async def reinstate(account_id: str, request: Request) -> AccountView:
         """Lift a suspension (operator)."""
         operator(request)

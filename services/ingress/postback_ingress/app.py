@@ -4,6 +4,7 @@ outbox, committed), owns accounts and the catalog, and answers reads from the re
 from __future__ import annotations
 
 from postback_ingress import accounts, calls, catalog, deliveries, queries, statements, webhooks
+from postback_ingress.auth import SECURITY_SCHEMES
 from postback_libs.http import GuardRequests
 from postback_libs.runtime import Service
 from postback_libs.settings import Settings
@@ -16,6 +17,7 @@ def build(settings: Settings) -> Service:
         "Call slow APIs asynchronously: get 202 and a request id at once, receive the signed "
         "result on your webhook."
     )
+    service.app.security_schemes = SECURITY_SCHEMES
     # Every route but `POST /v1/calls` (answered ahead of the middleware, with its own limit).
     service.app.add_middleware(GuardRequests, max_bytes=settings.max_call_bytes)
     calls.install(service)

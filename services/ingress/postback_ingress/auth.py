@@ -16,6 +16,30 @@ from fastapi import Request
 from postback_libs.http import Problem
 from postback_libs.signing import parse_api_key, secret_matches
 
+# How each route authenticates, for the OpenAPI document (route option `openapi_extra`): an
+# account's secret as a bearer token or as `X-Consumer-Key`, or the operator token.
+SECURITY_SCHEMES: dict[str, Any] = {
+    "accountKey": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "The account's secret (`pbk_...`), shown once at creation or rotation.",
+    },
+    "consumerKey": {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-Consumer-Key",
+        "description": "The account's secret, in the header the seed-compatible forms use.",
+    },
+    "operatorToken": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "The operator token (`POSTBACK_OPERATOR_TOKEN`).",
+    },
+}
+ACCOUNT_KEY: dict[str, Any] = {"security": [{"accountKey": []}, {"consumerKey": []}]}
+ACCOUNT_KEY_OPTIONAL: dict[str, Any] = {"security": [{}, *ACCOUNT_KEY["security"]]}
+OPERATOR_TOKEN: dict[str, Any] = {"security": [{"operatorToken": []}]}
+
 
 @dataclass(frozen=True)
 class Caller:

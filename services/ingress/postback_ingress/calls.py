@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
-from postback_ingress.auth import Caller, KeyCache
+from postback_ingress.auth import ACCOUNT_KEY, Caller, KeyCache
 from postback_ingress.group_commit import CallWriter
 from postback_ingress.models import CallAccepted, CallRequest
 from postback_ingress.webhooks import check_host
@@ -262,7 +262,7 @@ IDEMPOTENCY_KEY_PARAMETER = {
 
 
 def _documented(body_schema: dict[str, Any] | None = None) -> dict[str, Any]:
-    doc: dict[str, Any] = {"parameters": [IDEMPOTENCY_KEY_PARAMETER]}
+    doc: dict[str, Any] = {"parameters": [IDEMPOTENCY_KEY_PARAMETER], **ACCOUNT_KEY}
     if body_schema is not None:
         doc["requestBody"] = {
             "required": True,

@@ -4,12 +4,16 @@ source of truth and publishes every change as the API's full state on `postback.
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from postback_ingress.auth import (
+    ACCOUNT_KEY,
+    ACCOUNT_KEY_OPTIONAL,
+    OPERATOR_TOKEN,
     Caller,
     authenticate,
     has_credentials,
@@ -17,13 +21,21 @@ from postback_ingress.auth import (
     require_operator,
     require_role,
 )
-from postback_ingress.models import ApiCreate, ApiFee, ApiRegisteredView, ApiUpdate
+from postback_ingress.models import (
+    ApiCreate,
+    ApiFee,
+    ApiRegisteredView,
+    ApiUpdate,
+    SecretRotation,
+    SigningSecretRotated,
+)
 from postback_ingress.paging import decode_cursor, encode_cursor
 from postback_ingress.webhooks import check_url
 from postback_libs.events import ApiRegistered, ApiRetired, ApiState, ApiUpdated
 from postback_libs.http import Problem
 from postback_libs.ids import uuid7_hex
 from postback_libs.outbound import AddressPolicy
+from postback_libs.rotation import rotate
 from postback_libs.runtime import Service
 from postback_libs.signing import derive_secret
 
@@ -104,7 +116,9 @@ def router(service: Service) -> APIRouter:
                 )
             uow.emit(change(api=state))
 
-    @api.post("/v1/apis", status_code=201, response_model=ApiRegisteredView)
+    @api.post(
+        "/v1/apis", status_code=201, response_model=ApiRegisteredView, openapi_extra=ACCOUNT_KEY
+    )
     async def register_api(body: ApiCreate, request: Request) -> ApiRegisteredView:
         """Register an API (owner). The signing secret is shown here only."""
         caller = await authenticate(service.pool, request)
@@ -122,7 +136,7 @@ def router(service: Service) -> APIRouter:
             signing_secret=derive_secret(master, "api", state.api_id),
         )
 
-    @api.patch("/v1/apis/{ref}")
+    @api.patch("/v1/apis/{ref}", openapi_extra=ACCOUNT_KEY)
     async def update_api(ref: str, body: ApiUpdate, request: Request) -> JSONResponse:
         """Change some of an API's settings (its owner). Calls in flight keep their terms."""
         caller = await authenticate(service.pool, request)
@@ -138,7 +152,43 @@ def router(service: Service) -> APIRouter:
         await save(state, ApiUpdated)
         return JSONResponse(state.model_dump(mode="json"))
 
-    @api.put("/v1/apis/{ref}/fee")
+    @api.post(
+        "/v1/apis/{ref}/signing-secret/rotate",
+        response_model=SigningSecretRotated,
+        openapi_extra=ACCOUNT_KEY,
+    )
+    async def rotate_signing_secret(
+        ref: str, request: Request, body: SecretRotation | None = None
+    ) -> SigningSecretRotated:
+        """A new signing secret for the API's forwarded calls (its owner), shown once. The
+        previous one keeps signing for the overlap (every call carries both signatures), so the
+        upstream can switch without refusing a call; `overlap_seconds: 0` revokes every older
+        secret at once."""
+        caller = await authenticate(service.pool, request)
+        current = await owned(ref, caller)
+        overlap = service.settings.webhook_secret_overlap_seconds
+        if body is not None and body.overlap_seconds is not None:
+            overlap = body.overlap_seconds
+        now = datetime.now(UTC)
+        version, retired = rotate(
+            current.signing_secret_version, current.retired_signing_secrets, overlap, now
+        )
+        state = current.model_copy(
+            update={
+                "signing_secret_version": version,
+                "retired_signing_secrets": retired,
+                "version": current.version + 1,
+            }
+        )
+        await save(state, ApiUpdated)
+        return SigningSecretRotated(
+            api_id=state.api_id,
+            signing_secret=derive_secret(master, "api", state.api_id, version),
+            signing_secret_version=version,
+            previous_secret_valid_until=now + timedelta(seconds=overlap) if overlap else None,
+        )
+
+    @api.put("/v1/apis/{ref}/fee", openapi_extra=OPERATOR_TOKEN)
     async def set_fee(ref: str, body: ApiFee, request: Request) -> JSONResponse:
         """Set the platform's fee on one API (operator); calls in flight keep theirs."""
         require_operator(request, service.settings.operator_token.get_secret_value())
@@ -152,7 +202,7 @@ def router(service: Service) -> APIRouter:
         await save(state, ApiUpdated)
         return JSONResponse(state.model_dump(mode="json"))
 
-    @api.delete("/v1/apis/{ref}")
+    @api.delete("/v1/apis/{ref}", openapi_extra=ACCOUNT_KEY)
     async def retire_api(ref: str, request: Request) -> JSONResponse:
         """Retire an API (its owner): new calls are refused, calls in flight finish."""
         caller = await authenticate(service.pool, request)
@@ -163,7 +213,7 @@ def router(service: Service) -> APIRouter:
         await save(state, ApiRetired)
         return JSONResponse(state.model_dump(mode="json"))
 
-    @api.get("/v1/apis/{ref}")
+    @api.get("/v1/apis/{ref}", openapi_extra=ACCOUNT_KEY_OPTIONAL)
     async def get_api(ref: str, request: Request) -> JSONResponse:
         """An API as its callers see it; its owner (authenticated) sees where it runs too."""
         row = await service.pool.fetchrow(

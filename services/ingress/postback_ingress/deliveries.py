@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
 
-from postback_ingress.auth import Caller, authenticate
+from postback_ingress.auth import ACCOUNT_KEY, Caller, authenticate
 from postback_ingress.models import Input, Instant
 from postback_ingress.webhooks import load_endpoint, require_enabled
 from postback_libs.events import DeliveryRecoverRequested, DeliveryResendRequested, EndpointState
@@ -43,7 +43,7 @@ def router(service: Service) -> APIRouter:
             )
         return d
 
-    @api.post("/v1/webhooks/{endpoint_id}/recover", status_code=202)
+    @api.post("/v1/webhooks/{endpoint_id}/recover", status_code=202, openapi_extra=ACCOUNT_KEY)
     async def recover(endpoint_id: str, body: Recovery, request: Request) -> dict[str, Any]:
         """Send again every message that failed or was exhausted for this endpoint since a
         time (each with a fresh retry cycle)."""
@@ -65,7 +65,7 @@ def router(service: Service) -> APIRouter:
             )
         return {"recovery_id": recovery_id, "endpoint_id": endpoint_id, "status": "requested"}
 
-    @api.post("/v1/deliveries/{delivery_id}/resend", status_code=202)
+    @api.post("/v1/deliveries/{delivery_id}/resend", status_code=202, openapi_extra=ACCOUNT_KEY)
     async def resend(delivery_id: str, request: Request) -> dict[str, Any]:
         """Send one message again to its destination, with a fresh retry cycle."""
         caller = await authenticate(service.pool, request)
@@ -102,7 +102,7 @@ def router(service: Service) -> APIRouter:
             )
         return {"delivery_id": delivery_id, "status": "resend_requested"}
 
-    @api.get("/v1/deliveries/{delivery_id}")
+    @api.get("/v1/deliveries/{delivery_id}", openapi_extra=ACCOUNT_KEY)
     async def get_delivery(delivery_id: str, request: Request) -> dict[str, Any]:
         caller = await authenticate(service.pool, request)
         d = await load(caller, delivery_id)
@@ -113,7 +113,7 @@ def router(service: Service) -> APIRouter:
         )
         return _delivery(d) | {"attempts": [_attempt(a) for a in attempts]}
 
-    @api.get("/v1/calls/{request_id}/deliveries")
+    @api.get("/v1/calls/{request_id}/deliveries", openapi_extra=ACCOUNT_KEY)
     async def call_deliveries(request_id: str, request: Request) -> dict[str, Any]:
         """Every destination the call's outcome went to, with every attempt."""
         caller = await authenticate(service.pool, request)
@@ -145,7 +145,7 @@ def router(service: Service) -> APIRouter:
             ]
         }
 
-    @api.get("/v1/webhooks/{endpoint_id}/attempts")
+    @api.get("/v1/webhooks/{endpoint_id}/attempts", openapi_extra=ACCOUNT_KEY)
     async def endpoint_attempts(
         endpoint_id: str,
         request: Request,
@@ -165,7 +165,7 @@ def router(service: Service) -> APIRouter:
         )
         return {"data": [_attempt(r) for r in rows]}
 
-    @api.get("/v1/webhooks/{endpoint_id}/deliveries")
+    @api.get("/v1/webhooks/{endpoint_id}/deliveries", openapi_extra=ACCOUNT_KEY)
     async def endpoint_deliveries(
         endpoint_id: str,
         request: Request,

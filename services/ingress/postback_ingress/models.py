@@ -150,6 +150,33 @@ class KeyRotated(BaseModel):
     previous_key_valid_until: datetime
 
 
+class SecretRotation(Input):
+    overlap_seconds: int | None = Field(
+        None,
+        ge=0,
+        le=7 * 86400,
+        description="How long the previous secret keeps signing (0: revoked at once, after a "
+        "leak); the configured overlap when absent.",
+    )
+
+
+class WebhookSecretRotated(BaseModel):
+    webhook_secret: str = Field(description="Shown once.")
+    webhook_secret_version: int
+    previous_secret_valid_until: datetime | None = Field(
+        description="Until when the previous secret signs too; null: revoked at once."
+    )
+
+
+class SigningSecretRotated(BaseModel):
+    api_id: str
+    signing_secret: str = Field(description="Shown once.")
+    signing_secret_version: int
+    previous_secret_valid_until: datetime | None = Field(
+        description="Until when the previous secret signs too; null: revoked at once."
+    )
+
+
 class Suspension(Input):
     reason: str = Field("", max_length=500)
 

@@ -10,7 +10,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
-from postback_ingress.auth import authenticate
+from postback_ingress.auth import ACCOUNT_KEY, authenticate
 from postback_ingress.models import CallView, Instant, TimelineEntry
 from postback_ingress.paging import decode_cursor, encode_cursor
 from postback_libs.http import Problem, problem_type
@@ -70,7 +70,7 @@ def _view(row: Any, timeline: list[TimelineEntry]) -> CallView:
 def router(service: Service) -> APIRouter:
     api = APIRouter(tags=["calls"])
 
-    @api.get("/v1/calls/{request_id}", response_model=CallView)
+    @api.get("/v1/calls/{request_id}", response_model=CallView, openapi_extra=ACCOUNT_KEY)
     async def get_call(request_id: str, request: Request) -> JSONResponse:
         """The call's status, its result when done, and the timeline of its events (the owner's
         upstream URL and the platform fee only for the API's owner, the webhook URL only for the
@@ -126,7 +126,7 @@ def router(service: Service) -> APIRouter:
         headers = {} if row["stage"] >= DONE_STAGE else {"Retry-After": RETRY_AFTER_SECONDS}
         return JSONResponse(view.model_dump(mode="json"), headers=headers)
 
-    @api.get("/v1/calls")
+    @api.get("/v1/calls", openapi_extra=ACCOUNT_KEY)
     async def list_calls(
         request: Request,
         role: Literal["consumer", "owner"] = Query(

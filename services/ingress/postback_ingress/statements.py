@@ -10,7 +10,13 @@ from typing import Any, Literal
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field, StrictInt, field_validator
 
-from postback_ingress.auth import authenticate, require_operator, require_role
+from postback_ingress.auth import (
+    ACCOUNT_KEY,
+    OPERATOR_TOKEN,
+    authenticate,
+    require_operator,
+    require_role,
+)
 from postback_ingress.models import Input, Instant
 from postback_ingress.operator_requests import once, require_balance
 from postback_ingress.paging import decode_cursor, encode_cursor
@@ -157,7 +163,10 @@ def router(service: Service) -> APIRouter:
     settings = service.settings
 
     @api.post(
-        "/v1/accounts/{account_id}/corrections", status_code=202, response_model=CorrectionView
+        "/v1/accounts/{account_id}/corrections",
+        status_code=202,
+        response_model=CorrectionView,
+        openapi_extra=OPERATOR_TOKEN,
     )
     async def request_correction(
         account_id: str, body: CorrectionCreate, request: Request
@@ -196,7 +205,11 @@ def router(service: Service) -> APIRouter:
             status="requested",
         )
 
-    @api.get("/v1/accounts/{account_id}/corrections", response_model=CorrectionList)
+    @api.get(
+        "/v1/accounts/{account_id}/corrections",
+        response_model=CorrectionList,
+        openapi_extra=OPERATOR_TOKEN,
+    )
     async def list_corrections(
         account_id: str, request: Request, limit: int = Query(50, ge=1, le=200)
     ) -> CorrectionList:
@@ -210,7 +223,7 @@ def router(service: Service) -> APIRouter:
         )
         return CorrectionList(data=[CorrectionView(**dict(r)) for r in rows])
 
-    @api.get("/v1/accounts/me/transfers", response_model=Statement)
+    @api.get("/v1/accounts/me/transfers", response_model=Statement, openapi_extra=ACCOUNT_KEY)
     async def statement(
         request: Request,
         role: Role | None = Query(None, description="One of your balances; both by default."),
@@ -238,7 +251,7 @@ def router(service: Service) -> APIRouter:
             next_cursor = encode_cursor(last["at"], last["transfer_id"], last["side"])
         return Statement(data=[_entry(r) for r in page], next_cursor=next_cursor)
 
-    @api.get("/v1/accounts/me/earnings", response_model=Earnings)
+    @api.get("/v1/accounts/me/earnings", response_model=Earnings, openapi_extra=ACCOUNT_KEY)
     async def earnings(
         request: Request,
         since: Instant | None = Query(None, description="Captured at or after (RFC 3339)."),

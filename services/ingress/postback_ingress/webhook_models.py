@@ -74,12 +74,6 @@ class EndpointUpdate(Input):
         return self
 
 
-class Rotation(Input):
-    overlap_seconds: int | None = Field(
-        None, ge=0, le=7 * 86400, description="How long the old secret keeps signing."
-    )
-
-
 def view(state: EndpointState, row: Any = None) -> dict[str, Any]:
     # The retry fields are shown once, as the `retry_policy` they are set with.
     out = state.model_dump(

@@ -15,7 +15,8 @@ from urllib.parse import urlsplit
 import aiohttp
 from fastapi import APIRouter, Query, Request, Response
 
-from postback_ingress.auth import Caller, authenticate
+from postback_ingress.auth import ACCOUNT_KEY, Caller, authenticate
+from postback_ingress.models import SecretRotation
 from postback_ingress.webhook_models import (
     EndpointCreate,
     EndpointPage,
@@ -25,7 +26,6 @@ from postback_ingress.webhook_models import (
     EventTypeList,
     RetryPolicy,
     Rotated,
-    Rotation,
     SentTestMessage,
     documented,
     view,
@@ -42,12 +42,12 @@ from postback_libs.events import (
     EndpointState,
     EndpointUpdated,
     ErrorClass,
-    RetiredSecret,
 )
 from postback_libs.http import Problem
 from postback_libs.ids import uuid7_hex
 from postback_libs.outbound import AddressPolicy, guarded_session
 from postback_libs.outbox import UnitOfWork
+from postback_libs.rotation import rotate
 from postback_libs.runtime import Service
 from postback_libs.webhooks import (
     SUBSCRIBABLE_EVENTS,
@@ -129,7 +129,12 @@ def router(service: Service) -> APIRouter:
         """The event types an endpoint can subscribe to (names, `prefix.*` or `*`)."""
         return {"data": [{"type": t, "description": d} for t, d in SUBSCRIBABLE_EVENTS.items()]}
 
-    @api.post("/v1/webhooks", status_code=201, **documented(EndpointWithSecret, 201))
+    @api.post(
+        "/v1/webhooks",
+        status_code=201,
+        **documented(EndpointWithSecret, 201),
+        openapi_extra=ACCOUNT_KEY,
+    )
     async def create_endpoint(body: EndpointCreate, request: Request) -> dict[str, Any]:
         """Subscribe an endpoint. The secret (or public key) is shown here and on rotation."""
         caller = await authenticate(service.pool, request)
@@ -165,7 +170,7 @@ def router(service: Service) -> APIRouter:
             uow.emit(EndpointCreated(endpoint=state))
         return view(state, row) | secrets_of(state)
 
-    @api.get("/v1/webhooks", **documented(EndpointPage))
+    @api.get("/v1/webhooks", **documented(EndpointPage), openapi_extra=ACCOUNT_KEY)
     async def list_endpoints(
         request: Request,
         limit: int = Query(50, ge=1, le=100),
@@ -186,13 +191,13 @@ def router(service: Service) -> APIRouter:
             "next_cursor": page[-1]["endpoint_id"] if len(rows) > limit else None,
         }
 
-    @api.get("/v1/webhooks/{endpoint_id}", **documented(EndpointView))
+    @api.get("/v1/webhooks/{endpoint_id}", **documented(EndpointView), openapi_extra=ACCOUNT_KEY)
     async def get_endpoint(endpoint_id: str, request: Request) -> dict[str, Any]:
         caller = await authenticate(service.pool, request)
         row = await load(caller, endpoint_id)
         return view(EndpointState.model_validate_json(row["state"]), row)
 
-    @api.patch("/v1/webhooks/{endpoint_id}", **documented(EndpointView))
+    @api.patch("/v1/webhooks/{endpoint_id}", **documented(EndpointView), openapi_extra=ACCOUNT_KEY)
     async def update_endpoint(
         endpoint_id: str, body: EndpointUpdate, request: Request
     ) -> dict[str, Any]:
@@ -222,7 +227,7 @@ def router(service: Service) -> APIRouter:
             updated_at = await save(uow, state, EndpointUpdated)
         return view(state, {"created_at": row["created_at"], "updated_at": updated_at})
 
-    @api.delete("/v1/webhooks/{endpoint_id}", status_code=204)
+    @api.delete("/v1/webhooks/{endpoint_id}", status_code=204, openapi_extra=ACCOUNT_KEY)
     async def delete_endpoint(endpoint_id: str, request: Request) -> Response:
         caller = await authenticate(service.pool, request)
         async with service.unit_of_work() as uow:
@@ -232,9 +237,11 @@ def router(service: Service) -> APIRouter:
             await save(uow, state, EndpointDeleted)
         return Response(status_code=204)
 
-    @api.post("/v1/webhooks/{endpoint_id}/rotate-secret", **documented(Rotated))
+    @api.post(
+        "/v1/webhooks/{endpoint_id}/rotate-secret", **documented(Rotated), openapi_extra=ACCOUNT_KEY
+    )
     async def rotate_secret(
-        endpoint_id: str, request: Request, body: Rotation | None = None
+        endpoint_id: str, request: Request, body: SecretRotation | None = None
     ) -> dict[str, Any]:
         """A new secret version; the old one keeps signing (every message carries both
         signatures) for the overlap, so receivers can switch without dropping a message. No
@@ -248,18 +255,10 @@ def router(service: Service) -> APIRouter:
         async with service.unit_of_work() as uow:
             row = await load(caller, endpoint_id, uow.conn, lock=True)
             old = EndpointState.model_validate_json(row["state"])
-            # The overlap bounds every older secret too: rotating with 0 (a leaked secret)
-            # leaves the new one alone, not a version from an earlier rotation still in its own.
-            retired = [
-                r.model_copy(update={"valid_until": min(r.valid_until, until)})
-                for r in old.retired_secrets
-                if min(r.valid_until, until) > now
-            ]
-            if overlap > 0:
-                retired.append(RetiredSecret(version=old.secret_version, valid_until=until))
+            version, retired = rotate(old.secret_version, old.retired_secrets, overlap, now)
             state = old.model_copy(
                 update={
-                    "secret_version": old.secret_version + 1,
+                    "secret_version": version,
                     "retired_secrets": retired,
                     "revision": old.revision + 1,
                 }
@@ -271,7 +270,9 @@ def router(service: Service) -> APIRouter:
             "previous_secret_valid_until": until.isoformat() if overlap > 0 else None,
         } | secrets_of(state)
 
-    @api.post("/v1/webhooks/{endpoint_id}/test", **documented(SentTestMessage))
+    @api.post(
+        "/v1/webhooks/{endpoint_id}/test", **documented(SentTestMessage), openapi_extra=ACCOUNT_KEY
+    )
     async def send_test(endpoint_id: str, request: Request) -> dict[str, Any]:
         """Send a `webhook.test` message with an empty payload, once, never retried, and
         answer with what the endpoint did. The attempt is also kept in its history."""

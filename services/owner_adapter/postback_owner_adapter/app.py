@@ -17,13 +17,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
-from fastapi import Request, Response
 from prometheus_client import Counter, Histogram
 
 from postback_libs.consumer import Handlers
 from postback_libs.db import DATABASE_ERRORS, delete_in_chunks
 from postback_libs.events import (
     CALLS,
+    CATALOG,
     CallAccepted,
     CallAuthorized,
     CallCompleted,
@@ -34,7 +34,6 @@ from postback_libs.events import (
     CallTimedOut,
     CloudEvent,
 )
-from postback_libs.http import Problem
 from postback_libs.logging import get_logger
 from postback_libs.outbound import (
     AddressPolicy,
@@ -45,12 +44,13 @@ from postback_libs.outbound import (
     retry_after_seconds,
 )
 from postback_libs.outbox import UnitOfWork
+from postback_libs.rotation import SecretVersions, signing_secret_versions
 from postback_libs.runtime import Service
 from postback_libs.settings import Settings
 from postback_libs.signing import derive_secret, webhook_headers
 from postback_libs.telemetry import continuing, current_traceparent
 from postback_libs.workqueue import LEASE_SLACK_SECONDS, WorkQueue, fits_lease
-from postback_owner_adapter import domain, intake
+from postback_owner_adapter import callbacks, domain, intake
 from postback_owner_adapter.outcomes import OutcomeWriter
 
 log = get_logger(__name__)
@@ -85,6 +85,9 @@ def build(settings: Settings) -> Service:
     # dispatch's lease outlives it, so only a dead replica loses one (intake.write).
     request_cap = settings.owner_timeout_seconds
     handlers = Handlers("owner-adapter", CALLS.name)
+    # Which signing secrets of each API sign its forwarded calls, followed in every replica.
+    api_secrets = SecretVersions(signing_secret_versions)
+    service.follow(CATALOG, api_secrets.apply)
     session: dict[str, aiohttp.ClientSession] = {}
 
     # Handlers only gather; the batch is written at once before it commits (intake.py).
@@ -147,10 +150,13 @@ def build(settings: Settings) -> Service:
             token=token,
         )
         msg_id = rid  # the same message on every attempt: an owner may dedupe by it
-        secret = derive_secret(master, "api", row["api_id"])
+        secrets = [
+            derive_secret(master, "api", row["api_id"], v)
+            for v in api_secrets.valid(row["api_id"], datetime.now(UTC))
+        ]
         headers = {
             **fwd.headers,
-            **webhook_headers([secret], msg_id, int(time.time()), fwd.signed, USER_AGENT),
+            **webhook_headers(secrets, msg_id, int(time.time()), fwd.signed, USER_AGENT),
         }
         if traceparent := current_traceparent():  # the owner may continue the call's trace
             headers["traceparent"] = traceparent
@@ -369,75 +375,6 @@ def build(settings: Settings) -> Service:
             )
             claimed.clear()
 
-    @service.app.post("/v1/callbacks/{request_id}", status_code=200)
-    async def receive_callback(request_id: str, request: Request) -> Response:
-        token = request.headers.get("x-postback-callback-token") or request.query_params.get(
-            "token", ""
-        )
-        if not domain.token_is_valid(master, request_id, token):
-            raise Problem(
-                401,
-                "invalid-callback-token",
-                "Invalid callback token",
-                "the token does not match this request id",
-            )
-        row = await service.pool.fetchrow(
-            "SELECT status, result_digest, max_result_bytes, traceparent FROM dispatches"
-            " WHERE request_id = $1",
-            request_id,
-        )
-        if row is None:
-            raise Problem(404, "unknown-request", "Unknown request", f"no call {request_id}")
-        # Read no further than the cap: the body is the owner's to size, not the memory's.
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > row["max_result_bytes"]:
-                raise Problem(
-                    413,
-                    "result-too-large",
-                    "Result too large",
-                    f"more than {row['max_result_bytes']} bytes, the most this API accepts",
-                )
-        raw = bytes(body)
-        sent_type = request.headers.get("content-type")
-        ctype = sent_type or "application/json"
-        if sent_type and "json" in sent_type and raw and not domain.is_json(raw):
-            raise Problem(
-                400,
-                "invalid-json",
-                "The result is not JSON",
-                f"the body is not the JSON its content-type ({ctype}) says; send valid JSON, "
-                "or another content-type for a result that is not JSON",
-            )
-        digest = domain.result_digest(ctype, raw)
-        completed = CallCompleted(
-            request_id=request_id,
-            via="callback",
-            content_type=ctype,
-            result=domain.parse_result(raw, ctype),
-        )
-        with continuing(row["traceparent"]):  # the call's trace, not the callback request's
-            won = await finish(
-                request_id,
-                ("pending", "dispatching", "accepted"),
-                "completed",
-                completed,
-                digest=digest,
-            )
-        if won:
-            return Response(status_code=200)
-        row = await service.pool.fetchrow(
-            "SELECT status, result_digest FROM dispatches WHERE request_id = $1", request_id
-        )
-        if row["status"] == "completed" and row["result_digest"] == digest:
-            return Response(status_code=200)  # the same result again: accepted once
-        raise Problem(
-            409,
-            "call-already-settled",
-            "The call already has an outcome",
-            f"the call is {row['status']}; a different result cannot replace it",
-        )
-
+    callbacks.install(service, master, outcomes)
     service.consume(handlers)
     return service

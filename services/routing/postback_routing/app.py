@@ -22,7 +22,6 @@ from postback_libs.events import (
     CallRouted,
     CloudEvent,
 )
-from postback_libs.follower import TopicFollower
 from postback_libs.outbox import UnitOfWork
 from postback_libs.runtime import Service
 from postback_libs.settings import Settings
@@ -76,15 +75,8 @@ def build(settings: Settings) -> Service:
     service = Service("routing", "postback_routing", settings)
     catalog = Catalog()
     health = UpstreamHealth()
-    apis = TopicFollower(
-        settings.kafka_bootstrap, settings.topic(CATALOG.name), catalog.apply_api, service.crashed
-    )
-    accounts = TopicFollower(
-        settings.kafka_bootstrap,
-        settings.topic(ACCOUNTS.name),
-        catalog.apply_account,
-        service.crashed,
-    )
+    apis = service.follow(CATALOG, catalog.apply_api)
+    accounts = service.follow(ACCOUNTS, catalog.apply_account)
     handlers = Handlers("routing", CALLS.name, after_batch=admit_and_emit)
 
     @handlers.on(CallRequested)
@@ -123,16 +115,6 @@ def build(settings: Settings) -> Service:
             return
         failed = isinstance(outcome, CallFailed) and outcome.reason in UNHEALTHY_OUTCOMES
         health.record(outcome.upstream_url, ok=not failed, at=event.time, event_id=event.id)
-
-    @service.on_start
-    async def follow_catalog() -> None:
-        await apis.start()
-        await accounts.start()
-
-    @service.on_stop
-    async def stop_following() -> None:
-        await apis.stop()
-        await accounts.stop()
 
     service.consume(handlers)
     return service

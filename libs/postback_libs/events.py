@@ -167,6 +167,7 @@ RejectReason = Literal[
     "account_suspended",
     "insufficient_funds",
     "owner_suspended",  # the API's owner, not the consumer
+    "price_above_max",  # the API costs more than the call's max_price
 ]
 Money = int  # integer minor units, never floats
 # The most one price, credit or correction may be: past any real one (ten trillion in cents),
@@ -195,6 +196,9 @@ class CallRequested(CallRef):
     webhook_url: str | None = None
     idempotency_key: str | None = None
     entry: Entry = "v1"
+    max_price: Money | None = Field(
+        None, ge=0, description="The most the consumer will pay; a dearer call is rejected."
+    )
 
 
 @event("call.routed", CALLS, "request_id")

@@ -72,7 +72,7 @@ async def test_calls_are_routed_settled_and_delivered_signed(settings):
             r = await http.post(
                 "/v1/calls",
                 headers=bearer(consumer),
-                json={"api": api, "params": {"n": i}, "webhook_url": hook},
+                json={"api": api, "params": {"n": i}, "webhook_url": hook, "max_price": PRICE},
             )
             assert r.status_code == 202, r.text
             assert r.headers["Location"] == f"/v1/calls/{r.json()['request_id']}"
@@ -146,10 +146,14 @@ async def test_calls_are_routed_settled_and_delivered_signed(settings):
         owners_view = (await http.get(f"/v1/calls/{some}", headers=bearer(owner))).json()
         routed = next(s for s in owners_view["timeline"] if s["type"] == "call.routed")
         assert routed["data"]["upstream_url"].startswith("http")
-        # And where the consumer's webhooks go (a URL that may carry its token) is its own.
+        # And where the consumer's webhooks go (a URL that may carry its token) and the most
+        # it would pay are its own.
         requested = [s["data"] for s in view["timeline"] if s["type"] == "call.requested"]
         assert requested[0]["webhook_url"].startswith("http")
-        assert not any("webhook_url" in step["data"] for step in owners_view["timeline"])
+        assert requested[0]["max_price"] == PRICE
+        assert not any(
+            {"webhook_url", "max_price"} & set(step["data"]) for step in owners_view["timeline"]
+        )
         # 20 completed calls at PRICE each; the default fee is 10 %.
         await eventually(lambda: _has(http, consumer, 1000 - 20 * PRICE), what="debits")
         assert await balance(http, owner, "owner") == 20 * (PRICE - PRICE // 10)

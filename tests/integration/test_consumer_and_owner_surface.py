@@ -190,6 +190,7 @@ async def test_every_refusal_reaches_the_consumers_webhook(settings):
             methods=["POST"],
             path_prefixes=["/v1/"],
             max_request_bytes=100,
+            price=5,
         )
         await register(http, owner, "old", f"{owner_http.url}/sync")
         await http.delete("/v1/apis/old", headers=bearer(owner))
@@ -201,7 +202,13 @@ async def test_every_refusal_reaches_the_consumers_webhook(settings):
             "method_not_allowed": {"api": "strict", "method": "GET", "path": "/v1/x"},
             "path_not_allowed": {"api": "strict", "path": "/admin"},
             "payload_too_large": {"api": "strict", "path": "/v1/x", "params": {"x": "y" * 200}},
+            "price_above_max": {"api": "strict", "path": "/v1/x", "max_price": 4},
         }
+        for bad in (-1, "4", 1.5):
+            r = await http.post(
+                "/v1/calls", headers=bearer(consumer), json={"api": "strict", "max_price": bad}
+            )
+            assert r.status_code == 422, (bad, r.text)
         sent = {}
         for reason, body in cases.items():
             r = await http.post(

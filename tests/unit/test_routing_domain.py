@@ -197,6 +197,17 @@ def test_payload_at_the_limit_is_accepted_and_one_byte_more_is_not():
     rejected(do_route(over), "payload_too_large")
 
 
+def test_a_call_dearer_than_its_max_price_is_rejected():
+    result = rejected(do_route(request(max_price=119)), "price_above_max")
+    assert "120" in result.detail
+    assert result.api_id == "api_1"
+
+
+def test_max_price_at_the_price_is_routed_and_a_demo_call_costs_nothing():
+    assert isinstance(do_route(request(max_price=120)), CallRouted)
+    assert isinstance(do_route(request(mode="demo", max_price=0)), CallRouted)
+
+
 def test_request_size_is_compact_utf8_json():
     assert request_size(request(params={"a": 1}, body=[1, 2])) == len(b'[{"a":1},[1,2]]')
 

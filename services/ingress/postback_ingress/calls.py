@@ -81,6 +81,7 @@ async def accept_call(
         webhook_url=str(req.webhook_url) if req.webhook_url else None,
         idempotency_key=idempotency_key,
         entry=entry,
+        max_price=req.max_price,
     )
     event = new_event(call, source=service.name, traceparent=current_traceparent())
     return await writer.write(call, request_digest, service.settings.topic(CALLS.name), event)

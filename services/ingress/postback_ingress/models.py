@@ -66,6 +66,14 @@ class CallRequest(Input):
         description="Where the result is delivered, signed. Optional if you subscribe "
         "endpoints instead.",
     )
+    max_price: StrictInt | None = Field(
+        None,
+        ge=0,
+        le=MAX_MONEY,
+        description="The most you will pay for this call (minor units): an owner may change "
+        "the API's price at any time, and a call that would cost more is rejected "
+        "(`price_above_max`) before anything is reserved.",
+    )
 
     @model_validator(mode="after")
     def _params_or_body(self) -> CallRequest:

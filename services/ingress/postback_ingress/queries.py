@@ -37,8 +37,8 @@ DONE_STAGE = 7  # delivered or delivery failed: nothing more will happen to the 
 # API runs, and the platform's share of the price.
 OWNER_ONLY_FIELDS = frozenset({"upstream_url", "fee_bps", "fee"})
 # And what the consumer's side holds that the owner is not shown: where its webhooks go (a URL
-# that may carry a token of the consumer's).
-CONSUMER_ONLY_FIELDS = frozenset({"webhook_url"})
+# that may carry a token of the consumer's), and the most it would pay (a price to ask).
+CONSUMER_ONLY_FIELDS = frozenset({"webhook_url", "max_price"})
 
 
 def error_as_problem(error: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -235,6 +235,9 @@ def route(
         return reject(
             req, "payload_too_large", f"{size} bytes, the API accepts {api.max_request_bytes}", api
         )
+    price = 0 if req.mode == "demo" else api.price
+    if req.max_price is not None and price > req.max_price:
+        return reject(req, "price_above_max", f"the call costs {price}, above its max_price", api)
     return CallRouted(
         request_id=req.request_id,
         consumer_id=req.consumer_id,
@@ -247,7 +250,7 @@ def route(
         params=req.params,
         body=req.body,
         delivery_mode=api.delivery_mode,
-        price=0 if req.mode == "demo" else api.price,
+        price=price,
         fee_bps=api.fee_bps if api.fee_bps is not None else default_fee_bps,
         deadline=now + timedelta(seconds=api.max_duration_seconds),
         entry=req.entry,

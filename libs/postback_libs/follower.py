@@ -56,7 +56,9 @@ class TopicFollower:
         await self._note_positions()
         self._task = asyncio.create_task(self._follow(), name=f"follow {self.topic}")
         self._task.add_done_callback(self._ended)
-        await self.caught_up(timeout=60)
+        if not await self.caught_up(timeout=60):
+            # Deciding (or signing) by a view that stops short is worse than not starting.
+            raise RuntimeError(f"could not read {self.topic} to its end within 60 s")
 
     async def _follow(self) -> None:
         while True:

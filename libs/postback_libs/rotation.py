@@ -15,6 +15,8 @@ from typing import Any
 
 from postback_libs.events import CloudEvent, RetiredSecret
 
+MAX_RETIRED = 3  # older versions still signing at once, at most
+
 
 def rotate(
     version: int, retired: Sequence[RetiredSecret], overlap_seconds: int, now: datetime
@@ -28,7 +30,9 @@ def rotate(
     ]
     if overlap_seconds > 0:
         kept.append(RetiredSecret(version=version, valid_until=until))
-    return version + 1, kept
+    # Bounded: each signs every message, and rotating again and again within an overlap would
+    # grow the signature header past what receivers accept.
+    return version + 1, kept[-MAX_RETIRED:]
 
 
 def valid_versions(version: int, retired: Sequence[RetiredSecret], now: datetime) -> list[int]:

@@ -134,7 +134,10 @@ class Settings(BaseSettings):
         5.0, gt=0, description="Bound on each TCP/TLS connect of an outbound webhook request."
     )
     webhook_secret_overlap_seconds: int = Field(
-        86_400, ge=0, description="How long a rotated endpoint secret keeps signing messages."
+        86_400,
+        ge=0,
+        description="How long a rotated secret (an endpoint's, a consumer's webhook secret, an "
+        "API's signing secret) keeps signing, unless the rotation says.",
     )
     endpoint_max_in_flight: int = Field(
         32, ge=1, description="Concurrent requests to one endpoint unless the endpoint says."

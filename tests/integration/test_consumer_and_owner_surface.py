@@ -420,3 +420,43 @@ async def test_only_the_current_key_rotates_and_a_leak_is_revoked_at_once(settin
         for old in (account, rotated):
             assert (await http.get("/v1/accounts/me", headers=bearer(old))).status_code == 401
         assert (await http.get("/v1/accounts/me", headers=bearer(latest))).status_code == 200
+
+
+async def test_the_operator_finds_accounts_and_their_balances(settings):
+    async with running(settings, ingress, settlement, projection) as (svc, *_):
+        http = client(svc)
+        made = [await create_account(http, ["consumer"], f"c{i}") for i in range(3)]
+        owner = await create_account(http, ["owner"], "o")
+        await http.post(f"/v1/accounts/{owner['account_id']}/suspend", headers=OPERATOR, json={})
+        r = await http.post(
+            f"/v1/accounts/{made[0]['account_id']}/credits", headers=OPERATOR, json={"amount": 70}
+        )
+        assert r.status_code == 202
+
+        async def credited():
+            r = await http.get(f"/v1/accounts/{made[0]['account_id']}", headers=OPERATOR)
+            return r.json()["balances"].get("consumer", {}).get("balance") == 70
+
+        await eventually(credited, what="the credit in the operator's view")
+        one = (await http.get(f"/v1/accounts/{owner['account_id']}", headers=OPERATOR)).json()
+        assert (one["name"], one["roles"], one["status"]) == ("o", ["owner"], "suspended")
+
+        # Oldest first, two at a time, filtered; the pages together are every match.
+        seen, cursor = [], None
+        while True:
+            params = {"role": "consumer", "limit": 2} | ({"cursor": cursor} if cursor else {})
+            page = (await http.get("/v1/accounts", headers=OPERATOR, params=params)).json()
+            seen += [a["account_id"] for a in page["data"]]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert seen == [a["account_id"] for a in made]
+        suspended = await http.get("/v1/accounts", headers=OPERATOR, params={"status": "suspended"})
+        assert [a["account_id"] for a in suspended.json()["data"]] == [owner["account_id"]]
+
+        assert (await http.get("/v1/accounts", headers=bearer(made[1]))).status_code == 401
+        missing = await http.get("/v1/accounts/acc_none", headers=OPERATOR)
+        assert missing.status_code == 404
+        assert missing.json()["type"] == "urn:postback:problem:account-not-found"
+        bad = await http.get("/v1/accounts", headers=OPERATOR, params={"cursor": "zz"})
+        assert bad.status_code == 400

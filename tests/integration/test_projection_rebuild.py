@@ -43,7 +43,8 @@ async def checksums(dsn: str) -> dict[str, tuple[int, str]]:
             for r in await conn.fetch(
                 "SELECT table_name FROM information_schema.tables WHERE table_schema = 'projection'"
                 " AND table_type = 'BASE TABLE'"
-                " AND table_name NOT IN ('schema_migrations', 'outbox', 'inbox')"
+                " AND table_name NOT IN"
+                " ('schema_migrations', 'outbox', 'inbox', 'applied_positions')"
             )
         ]
         out = {}

@@ -147,3 +147,13 @@ async def test_only_the_owner_rotates_an_apis_signing_secret(settings):
             assert r.headers["content-type"] == "application/problem+json"
         state = (await http.get("/v1/apis/mine", headers=bearer(owner))).json()
         assert state["signing_secret_version"] == 1
+        public = (await http.get("/v1/apis/mine")).json()
+        assert "signing_secret_version" not in public  # when an owner rotated is its own
+
+        # A leaked previous API key, still honoured for its overlap, gets no new secret.
+        r = await http.post("/v1/accounts/me/keys/rotate", headers=bearer(owner))
+        assert r.status_code == 200, r.text
+        for url in ("/v1/apis/mine/signing-secret/rotate", "/v1/accounts/me/webhook-secret/rotate"):
+            r = await http.post(url, headers=bearer(owner))
+            assert r.status_code == 403, (url, r.text)
+            assert r.json()["type"] == "urn:postback:problem:current-key-required"

@@ -390,7 +390,7 @@ async def test_a_rebuild_is_refused_when_a_topic_lost_its_oldest_events():
     replay = Replay(Settings(), None, None)
     replay.consumer = Log()  # type: ignore[assignment]
     with pytest.raises(IncompleteHistory, match=r"postback\.calls no longer"):
-        await replay.start()
+        await replay.start({})
 
 
 def test_the_statuses_a_call_list_filters_by_are_the_read_models():

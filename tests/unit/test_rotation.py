@@ -73,3 +73,12 @@ def test_an_api_state_without_rotation_fields_signs_with_version_1():
     assert signing_secret_versions(event) == ("api_1", 1, [])
     other = envelope("call.requested", {"request_id": "r"})
     assert signing_secret_versions(other) is None
+
+
+def test_at_most_a_few_older_versions_sign_at_once():
+    version, retired = 1, []
+    for _ in range(10):  # rotating again and again within the overlap
+        version, retired = rotate(version, retired, 3600, NOW)
+    assert version == 11
+    assert [r.version for r in retired] == [8, 9, 10]
+    assert len(valid_versions(version, retired, NOW)) == 4

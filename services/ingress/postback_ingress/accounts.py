@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import secrets
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 
 from postback_ingress.auth import (
     ACCOUNT_KEY,
@@ -18,6 +18,7 @@ from postback_ingress.auth import (
 )
 from postback_ingress.models import (
     AccountCreate,
+    AccountPage,
     AccountView,
     Balance,
     CreditAccepted,
@@ -30,6 +31,7 @@ from postback_ingress.models import (
 )
 from postback_ingress.models import AccountCreated as AccountCreatedView
 from postback_ingress.operator_requests import once, require_balance
+from postback_ingress.paging import decode_cursor, encode_cursor
 from postback_libs.events import (
     AccountCreated,
     AccountKeyRotated,
@@ -44,6 +46,8 @@ from postback_libs.ids import uuid7_hex
 from postback_libs.rotation import rotate
 from postback_libs.runtime import Service
 from postback_libs.signing import derive_secret, generate_api_key, hash_secret, parse_api_key
+
+VIEW = "SELECT account_id, name, roles, status FROM accounts"
 
 
 def new_key() -> tuple[str, str, str]:
@@ -101,27 +105,68 @@ def router(service: Service) -> APIRouter:
             webhook_secret=derive_secret(master, "consumer", account_id),
         )
 
+    async def views(rows: list[Any]) -> list[AccountView]:
+        """Accounts with their balances, as the read model has them."""
+        wanted = [f"{role}:{r['account_id']}" for r in rows for role in r["roles"]]
+        balances: dict[str, dict[str, Balance]] = {}
+        for b in await service.pool.fetch(
+            "SELECT ledger_account, balance, reserved FROM projection.balances"
+            " WHERE ledger_account = ANY($1::text[])",
+            wanted,
+        ):
+            role, account_id = b["ledger_account"].split(":", 1)
+            balances.setdefault(account_id, {})[role] = Balance(
+                balance=b["balance"], reserved=b["reserved"]
+            )
+        return [AccountView(**dict(r), balances=balances.get(r["account_id"], {})) for r in rows]
+
     @api.get(
         "/v1/accounts/me", response_model=AccountView, tags=["accounts"], openapi_extra=ACCOUNT_KEY
     )
     async def me(request: Request) -> AccountView:
         caller = await authenticate(service.pool, request)
-        row = await service.pool.fetchrow(
-            "SELECT account_id, name, roles, status FROM accounts WHERE account_id = $1",
-            caller.account_id,
+        row = await service.pool.fetchrow(VIEW + " WHERE account_id = $1", caller.account_id)
+        return (await views([row]))[0]
+
+    @api.get(
+        "/v1/accounts/{account_id}",
+        response_model=AccountView,
+        tags=["accounts"],
+        openapi_extra=OPERATOR_TOKEN,
+    )
+    async def read_account(account_id: str, request: Request) -> AccountView:
+        """One account with its balances (operator)."""
+        operator(request)
+        row = await service.pool.fetchrow(VIEW + " WHERE account_id = $1", account_id)
+        if row is None:
+            raise Problem(404, "account-not-found", "Account not found", f"no account {account_id}")
+        return (await views([row]))[0]
+
+    @api.get(
+        "/v1/accounts", response_model=AccountPage, tags=["accounts"], openapi_extra=OPERATOR_TOKEN
+    )
+    async def list_accounts(
+        request: Request,
+        status: Literal["active", "suspended"] | None = None,
+        role: Literal["consumer", "owner"] | None = None,
+        limit: int = Query(50, ge=1, le=200),
+        cursor: str | None = None,
+    ) -> AccountPage:
+        """Every account, oldest first, with its balances (operator); page with `next_cursor`."""
+        operator(request)
+        after = decode_cursor(cursor, str)[0] if cursor else ""
+        rows = await service.pool.fetch(
+            VIEW + " WHERE account_id > $1 AND ($2::text IS NULL OR status = $2)"
+            " AND ($3::text IS NULL OR $3 = ANY(roles)) ORDER BY account_id LIMIT $4",
+            after,
+            status,
+            role,
+            limit + 1,
         )
-        balances = await service.pool.fetch(
-            "SELECT ledger_account, balance, reserved FROM projection.balances"
-            " WHERE ledger_account = ANY($1::text[])",
-            [f"{role}:{caller.account_id}" for role in row["roles"]],
-        )
-        by_role = {b["ledger_account"].split(":", 1)[0]: b for b in balances}
-        return AccountView(
-            **dict(row),
-            balances={
-                role: Balance(balance=b["balance"], reserved=b["reserved"])
-                for role, b in by_role.items()
-            },
+        page = await views(rows[:limit])
+        more = len(rows) > limit
+        return AccountPage(
+            data=page, next_cursor=encode_cursor(page[-1].account_id) if more else None
         )
 
     @api.post(
@@ -211,7 +256,7 @@ def router(service: Service) -> APIRouter:
         one keeps signing for the overlap (every message carries both signatures), so your
         receiver can switch without dropping a message; `overlap_seconds: 0` revokes every
         older secret at once."""
-        caller = await authenticate(service.pool, request)
+        caller = await authenticate_current_key(service.pool, request)
         overlap = settings.webhook_secret_overlap_seconds
         if body is not None and body.overlap_seconds is not None:
             overlap = body.overlap_seconds

@@ -16,6 +16,7 @@ from postback_ingress.auth import (
     OPERATOR_TOKEN,
     Caller,
     authenticate,
+    authenticate_current_key,
     has_credentials,
     require_active,
     require_operator,
@@ -41,7 +42,15 @@ from postback_libs.signing import derive_secret
 
 # Where an API runs and the platform's share of its price are its owner's: a caller who knew
 # the upstream could go around the gateway.
-OWNER_ONLY_FIELDS = ("endpoint", "endpoints", "demo_endpoint", "fee_bps")
+OWNER_ONLY_FIELDS = (
+    "endpoint",
+    "endpoints",
+    "demo_endpoint",
+    "fee_bps",
+    # When the owner rotated, and whether at once (after a leak), is the owner's business.
+    "signing_secret_version",
+    "retired_signing_secrets",
+)
 
 
 def public_view(state: dict[str, Any]) -> dict[str, Any]:
@@ -164,7 +173,7 @@ def router(service: Service) -> APIRouter:
         previous one keeps signing for the overlap (every call carries both signatures), so the
         upstream can switch without refusing a call; `overlap_seconds: 0` revokes every older
         secret at once."""
-        caller = await authenticate(service.pool, request)
+        caller = await authenticate_current_key(service.pool, request)
         current = await owned(ref, caller)
         overlap = service.settings.webhook_secret_overlap_seconds
         if body is not None and body.overlap_seconds is not None:

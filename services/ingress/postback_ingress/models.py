@@ -143,6 +143,11 @@ class AccountView(BaseModel):
     )
 
 
+class AccountPage(BaseModel):
+    data: list[AccountView]
+    next_cursor: str | None = Field(None, description="Pass it back for the next page.")
+
+
 class KeyRotation(Input):
     overlap_seconds: int | None = Field(
         None,

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from fastapi import APIRouter, Query, Request, Response
 
-from postback_ingress.auth import ACCOUNT_KEY, Caller, authenticate
+from postback_ingress.auth import ACCOUNT_KEY, Caller, authenticate, authenticate_current_key
 from postback_ingress.models import SecretRotation
 from postback_ingress.webhook_models import (
     EndpointCreate,
@@ -246,7 +246,7 @@ def router(service: Service) -> APIRouter:
         """A new secret version; the old one keeps signing (every message carries both
         signatures) for the overlap, so receivers can switch without dropping a message. No
         older secret signs past the overlap: `overlap_seconds: 0` revokes every one at once."""
-        caller = await authenticate(service.pool, request)
+        caller = await authenticate_current_key(service.pool, request)
         overlap = settings.webhook_secret_overlap_seconds
         if body is not None and body.overlap_seconds is not None:
             overlap = body.overlap_seconds

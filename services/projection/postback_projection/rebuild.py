@@ -31,6 +31,7 @@ Progress = Callable[[int, int], None]
 Positions = dict[TopicPartition, int]
 FETCH_WAIT_MS = 300
 IDLE_FETCHES = 10  # empty waits in a row before a replay stops short of where it aimed
+LOCKED_REPLAY_SECONDS = 30.0  # the most the last replay holds the swap lock (and the read model)
 
 
 class IncompleteHistory(Exception):
@@ -61,10 +62,13 @@ class Replay:
         self.applied = 0
         self.partitions: list[TopicPartition] = []
 
-    async def start(self) -> None:
+    async def start(self, applied: Positions) -> None:
+        """`applied`: where the live projection stands. The partitions it names are read even
+        if the broker's first metadata answer left them out (the embedded broker's may)."""
         await self.consumer.start()
         for topic in self.appliers:
-            parts = self.consumer.partitions_for_topic(topic) or set()
+            parts = set(self.consumer.partitions_for_topic(topic) or ())
+            parts |= {tp.partition for tp in applied if tp.topic == topic}
             self.partitions += [TopicPartition(topic, p) for p in sorted(parts)]
         self.consumer.assign(self.partitions)
         starts = await self.consumer.beginning_offsets(self.partitions)
@@ -97,9 +101,13 @@ class Replay:
         the next records are decoded while they do."""
         ends = await self.consumer.end_offsets(self.partitions)
         for tp, position in (floor or {}).items():
-            if tp in ends:  # the table may name topics of another prefix
-                ends[tp] = max(ends[tp], position)
+            if tp.topic not in self.appliers:
+                continue  # a topic of another prefix, sharing the database
+            if tp not in ends:
+                raise IncompleteHistory(f"{tp.topic} partition {tp.partition} is not readable")
+            ends[tp] = max(ends[tp], position)
         total = sum(ends.values())
+        give_up = time.monotonic() + LOCKED_REPLAY_SECONDS
         behind = {tp for tp, end in ends.items() if await self.consumer.position(tp) < end}
         writing: list[asyncio.Task[None]] = []
         idle = 0  # fetches in a row that waited and found nothing
@@ -126,9 +134,17 @@ class Replay:
             idle = idle + 1 if waited and not fetched else 0
             if not behind and not self.gaps.waiting() and (idle or not settle):
                 break
-            if idle >= IDLE_FETCHES:  # a floor past what the topics hold: their log was lost
+            if idle >= IDLE_FETCHES or (not settle and time.monotonic() > give_up):
                 break
         await asyncio.gather(*writing)
+        if floor is not None and behind:
+            # Swapping now would drop rows the live tables hold: the topics lost part of their
+            # log, or the broker did not give it back in time. The transaction rolls back.
+            short = ", ".join(sorted(f"{tp.topic}[{tp.partition}]" for tp in behind))
+            raise IncompleteHistory(
+                f"the replay could not reach what the read model has applied in {short}: the "
+                "broker lost part of its log or did not answer in time; nothing was swapped"
+            )
 
     async def stop(self) -> None:
         await self.consumer.stop()
@@ -202,7 +218,7 @@ async def rebuild(
         pool = await create_pool(settings.database_url, REBUILD)
         deferred = await _drop_secondary_indexes(admin, REBUILD)
         replay = Replay(settings, pool, producer, partial=partial)
-        await replay.start()
+        await replay.start(await _applied_live(admin))
         await replay.until_end(progress)
         for definition in deferred:
             await admin.execute(definition)

@@ -16,6 +16,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from bench.stats import percentile
+from postback_libs.offsets import seek_to_log_start
 from postback_libs.outbox import new_producer
 from postback_libs.settings import Settings
 
@@ -62,7 +63,7 @@ async def kafka(settings: Settings, messages: int) -> dict[str, Any]:
     try:
         parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or {0}]
         consumer.assign(parts)
-        await consumer.seek_to_beginning(*parts)
+        await seek_to_log_start(consumer, parts)
         got = 0
         started = time.perf_counter()
         deadline = started + 120

@@ -40,6 +40,7 @@ from postback_libs.events import (
     EventData,
     new_event,
 )
+from postback_libs.offsets import seek_to_log_start
 from postback_libs.settings import Settings
 from postback_libs.topics import ensure_topics
 
@@ -128,7 +129,7 @@ class TypeCounter:
             for p in self.consumer.partitions_for_topic(self.topic) or {0}
         ]
         self.consumer.assign(parts)
-        await self.consumer.seek_to_beginning(*parts)
+        await seek_to_log_start(self.consumer, parts)
         self._task = asyncio.create_task(self._read())
         return self
 

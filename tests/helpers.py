@@ -28,7 +28,7 @@ from postback_libs.events import (
     EventData,
     new_event,
 )
-from postback_libs.offsets import OffsetGaps, guarded
+from postback_libs.offsets import OffsetGaps, guarded, seek_to_log_start
 from postback_libs.runtime import Service
 from postback_libs.settings import Settings
 
@@ -104,7 +104,7 @@ class TopicReader:
             for p in self.consumer.partitions_for_topic(self.topic) or {0}
         ]
         self.consumer.assign(parts)
-        await self.consumer.seek_to_beginning(*parts)
+        await seek_to_log_start(self.consumer, parts)
         self.gaps = OffsetGaps("test topic reader")
         if guarded(self.topic.removeprefix(self.settings.topic_prefix)):
             await self.gaps.expect_log_start(self.consumer, parts)

@@ -15,6 +15,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from postback_libs.events import CloudEvent
 from postback_libs.logging import get_logger
+from postback_libs.offsets import seek_to_log_start
 
 log = get_logger(__name__)
 
@@ -52,7 +53,7 @@ class TopicFollower:
             raise RuntimeError(f"topic {self.topic} does not exist; run `postback topics create`")
         self.partitions = [TopicPartition(self.topic, p) for p in sorted(parts)]
         self.consumer.assign(self.partitions)
-        await self.consumer.seek_to_beginning(*self.partitions)
+        await seek_to_log_start(self.consumer, self.partitions)
         await self._note_positions()
         self._task = asyncio.create_task(self._follow(), name=f"follow {self.topic}")
         self._task.add_done_callback(self._ended)

@@ -30,6 +30,19 @@ PATIENCE_SECONDS = 5.0
 RETRY_SECONDS = 0.01
 
 
+async def seek_to_log_start(
+    consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition]
+) -> dict[TopicPartition, int]:
+    """Position each of `tps` at its log's first offset, as read now; returns those offsets.
+    Not `seek_to_beginning`, which resets each position by a later lookup of its own: with it,
+    the records at the start of an embedded broker's partition were now and then skipped
+    under load (the position already past them before one was read, and nothing said so)."""
+    starts: dict[TopicPartition, int] = await consumer.beginning_offsets(list(tps))
+    for tp, start in starts.items():
+        consumer.seek(tp, start)
+    return starts
+
+
 def guarded(topic: str) -> bool:
     """Whether readers of `topic` (its name without prefix) wait for gaps: every topic of ours
     but the compacted ones, which have gaps of their own once compacted and a single writer

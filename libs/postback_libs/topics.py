@@ -11,7 +11,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
 from postback_libs.events import MAX_EVENT_BYTES, TOPICS
-from postback_libs.offsets import OffsetGaps
+from postback_libs.offsets import OffsetGaps, seek_to_log_start
 from postback_libs.settings import Settings
 
 
@@ -72,7 +72,7 @@ async def read_whole_topic(
         if not parts:
             return
         consumer.assign(parts)
-        await consumer.seek_to_beginning(*parts)
+        await seek_to_log_start(consumer, parts)
         end = await consumer.end_offsets(parts)
         # Several producers may write one partition (postback_libs/offsets.py).
         gaps = OffsetGaps(f"reading {name}")

@@ -384,6 +384,8 @@ async def test_a_rebuild_is_refused_when_a_topic_lost_its_oldest_events():
 
         def assign(self, partitions) -> None: ...
 
+        def seek(self, partition, offset) -> None: ...
+
         async def beginning_offsets(self, partitions):
             return {tp: 40 if tp == TopicPartition("postback.calls", 1) else 0 for tp in partitions}
 

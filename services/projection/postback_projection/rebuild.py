@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from postback_libs.consumer import BatchApplier
 from postback_libs.db import create_pool, migrate
-from postback_libs.offsets import OffsetGaps, guarded
+from postback_libs.offsets import OffsetGaps, guarded, seek_to_log_start
 from postback_libs.outbox import new_producer
 from postback_libs.settings import Settings
 from postback_projection.app import handler_sets
@@ -71,7 +71,7 @@ class Replay:
             parts |= {tp.partition for tp in applied if tp.topic == topic}
             self.partitions += [TopicPartition(topic, p) for p in sorted(parts)]
         self.consumer.assign(self.partitions)
-        starts = await self.consumer.beginning_offsets(self.partitions)
+        starts = await seek_to_log_start(self.consumer, self.partitions)
         cut = sorted({tp.topic for tp, start in starts.items() if start > 0})
         if cut and not self.partial:
             raise IncompleteHistory(
@@ -80,7 +80,6 @@ class Replay:
                 "from the read model. Rebuild from what they hold with --partial, and keep them "
                 "longer (retention.ms) if the read model should outlive it."
             )
-        await self.consumer.seek_to_beginning(*self.partitions)
         prefix = self.settings.topic_prefix
         await self.gaps.expect_log_start(
             self.consumer, [tp for tp in self.partitions if guarded(tp.topic.removeprefix(prefix))]

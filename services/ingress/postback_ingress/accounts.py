@@ -28,6 +28,7 @@ from postback_ingress.models import (
     SecretRotation,
     Suspension,
     WebhookSecretRotated,
+    overlap_of,
 )
 from postback_ingress.models import AccountCreated as AccountCreatedView
 from postback_ingress.operator_requests import once, require_balance
@@ -257,9 +258,7 @@ def router(service: Service) -> APIRouter:
         receiver can switch without dropping a message; `overlap_seconds: 0` revokes every
         older secret at once."""
         caller = await authenticate_current_key(service.pool, request)
-        overlap = settings.webhook_secret_overlap_seconds
-        if body is not None and body.overlap_seconds is not None:
-            overlap = body.overlap_seconds
+        overlap = overlap_of(body, settings.webhook_secret_overlap_seconds)
         now = datetime.now(UTC)
         until = now + timedelta(seconds=overlap)
         async with service.unit_of_work() as uow:

@@ -29,6 +29,7 @@ from postback_ingress.models import (
     ApiUpdate,
     SecretRotation,
     SigningSecretRotated,
+    overlap_of,
 )
 from postback_ingress.paging import decode_cursor, encode_cursor
 from postback_ingress.webhooks import check_url
@@ -175,9 +176,7 @@ def router(service: Service) -> APIRouter:
         secret at once."""
         caller = await authenticate_current_key(service.pool, request)
         current = await owned(ref, caller)
-        overlap = service.settings.webhook_secret_overlap_seconds
-        if body is not None and body.overlap_seconds is not None:
-            overlap = body.overlap_seconds
+        overlap = overlap_of(body, service.settings.webhook_secret_overlap_seconds)
         now = datetime.now(UTC)
         version, retired = rotate(
             current.signing_secret_version, current.retired_signing_secrets, overlap, now

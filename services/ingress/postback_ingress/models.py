@@ -173,6 +173,13 @@ class SecretRotation(Input):
     )
 
 
+def overlap_of(body: SecretRotation | None, configured: int) -> int:
+    """The overlap a rotation asked for, else the configured one."""
+    if body is not None and body.overlap_seconds is not None:
+        return body.overlap_seconds
+    return configured
+
+
 class WebhookSecretRotated(BaseModel):
     webhook_secret: str = Field(description="Shown once.")
     webhook_secret_version: int

@@ -16,7 +16,7 @@ import aiohttp
 from fastapi import APIRouter, Query, Request, Response
 
 from postback_ingress.auth import ACCOUNT_KEY, Caller, authenticate, authenticate_current_key
-from postback_ingress.models import SecretRotation
+from postback_ingress.models import SecretRotation, overlap_of
 from postback_ingress.webhook_models import (
     EndpointCreate,
     EndpointPage,
@@ -247,9 +247,7 @@ def router(service: Service) -> APIRouter:
         signatures) for the overlap, so receivers can switch without dropping a message. No
         older secret signs past the overlap: `overlap_seconds: 0` revokes every one at once."""
         caller = await authenticate_current_key(service.pool, request)
-        overlap = settings.webhook_secret_overlap_seconds
-        if body is not None and body.overlap_seconds is not None:
-            overlap = body.overlap_seconds
+        overlap = overlap_of(body, settings.webhook_secret_overlap_seconds)
         now = datetime.now(UTC)
         until = now + timedelta(seconds=overlap)
         async with service.unit_of_work() as uow:

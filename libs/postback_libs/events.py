@@ -526,6 +526,14 @@ class ApiUpdated(ApiChange):
     """An API changed; `api` is its whole new state."""
 
 
+@event("api.signing_secret_rotated", CATALOG)
+class ApiSigningSecretRotated(ApiChange):
+    """The API's signing secret was rotated; `api` is its whole new state, and the previous
+    secret signs forwarded calls too until the time given."""
+
+    previous_secret_valid_until: datetime
+
+
 @event("api.retired", CATALOG)
 class ApiRetired(ApiChange):
     """An API was retired: no new calls are routed to it."""

@@ -47,6 +47,7 @@ async def test_rotated_secrets_sign_beside_the_old_ones_until_revoked(settings):
         owner_server() as owner_http,
         receiver() as hooks,
         TopicReader(settings, "postback.accounts") as accounts_topic,
+        TopicReader(settings, "postback.catalog") as catalog_topic,
         running(settings, *ALL) as svcs,
     ):
         http = client(svcs[0])
@@ -114,13 +115,17 @@ async def test_rotated_secrets_sign_beside_the_old_ones_until_revoked(settings):
             False,
             True,
         ]
-        # The topic says which versions sign, never a secret.
+        # The topics say which versions sign, never a secret.
         await eventually(
             lambda: len(accounts_topic.of_type("account.webhook_secret_rotated")) == 2,
             what="rotation events",
         )
-        raw = b"".join(r.value for r in accounts_topic.raw)
-        assert not any(s.encode() in raw for s in webhook_secrets)
+        await eventually(
+            lambda: len(catalog_topic.of_type("api.signing_secret_rotated")) == 2,
+            what="API rotation events",
+        )
+        raw = b"".join(r.value for r in accounts_topic.raw + catalog_topic.raw)
+        assert not any(s.encode() in raw for s in webhook_secrets + api_secrets)
 
 
 async def test_only_the_owner_rotates_an_apis_signing_secret(settings):

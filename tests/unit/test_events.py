@@ -136,6 +136,9 @@ MINIMAL: dict[str, EventData] = {
     "balance.low": ev.BalanceLow(account_id="acct_1", balance=0, threshold=100),
     "api.registered": ev.ApiRegistered(api=API),
     "api.updated": ev.ApiUpdated(api=API),
+    "api.signing_secret_rotated": ev.ApiSigningSecretRotated(
+        api=API, previous_secret_valid_until=T0
+    ),
     "api.retired": ev.ApiRetired(api=API),
     "account.created": ev.AccountCreated(account=ACCOUNT),
     "account.key_rotated": ev.AccountKeyRotated(account=ACCOUNT, previous_key_valid_until=T0),

@@ -33,7 +33,14 @@ from postback_ingress.models import (
 )
 from postback_ingress.paging import decode_cursor, encode_cursor
 from postback_ingress.webhooks import check_url
-from postback_libs.events import ApiRegistered, ApiRetired, ApiState, ApiUpdated
+from postback_libs.events import (
+    ApiChange,
+    ApiRegistered,
+    ApiRetired,
+    ApiSigningSecretRotated,
+    ApiState,
+    ApiUpdated,
+)
 from postback_libs.http import Problem
 from postback_libs.ids import uuid7_hex
 from postback_libs.outbound import AddressPolicy
@@ -85,7 +92,7 @@ def router(service: Service) -> APIRouter:
             if url is not None:
                 check_url(str(url), guard)
 
-    async def save(state: ApiState, change: type[ApiRegistered | ApiUpdated | ApiRetired]) -> None:
+    async def save(state: ApiState, change: type[ApiChange], **facts: Any) -> None:
         async with service.unit_of_work() as uow:
             holder = await uow.conn.fetchval(
                 "INSERT INTO slug_history (slug, api_id) VALUES ($1, $2)"
@@ -124,7 +131,7 @@ def router(service: Service) -> APIRouter:
                     "Changed meanwhile",
                     "the API changed while this request ran; read it and retry",
                 )
-            uow.emit(change(api=state))
+            uow.emit(change(api=state, **facts))
 
     @api.post(
         "/v1/apis", status_code=201, response_model=ApiRegisteredView, openapi_extra=ACCOUNT_KEY
@@ -188,12 +195,13 @@ def router(service: Service) -> APIRouter:
                 "version": current.version + 1,
             }
         )
-        await save(state, ApiUpdated)
+        until = now + timedelta(seconds=overlap)
+        await save(state, ApiSigningSecretRotated, previous_secret_valid_until=until)
         return SigningSecretRotated(
             api_id=state.api_id,
             signing_secret=derive_secret(master, "api", state.api_id, version),
             signing_secret_version=version,
-            previous_secret_valid_until=now + timedelta(seconds=overlap) if overlap else None,
+            previous_secret_valid_until=until if overlap else None,
         )
 
     @api.put("/v1/apis/{ref}/fee", openapi_extra=OPERATOR_TOKEN)

@@ -226,9 +226,7 @@ def router(service: Service) -> APIRouter:
         key may rotate."""
         caller = await authenticate_current_key(service.pool, request)
         key_id, secret, key_hash = new_key()
-        overlap = settings.key_rotation_overlap_seconds
-        if body is not None and body.overlap_seconds is not None:
-            overlap = body.overlap_seconds
+        overlap = overlap_of(body, settings.key_rotation_overlap_seconds)
         valid_until = datetime.now(UTC) + timedelta(seconds=overlap)
         async with service.unit_of_work() as uow:
             current = await account_state(uow.conn, caller.account_id)

@@ -173,8 +173,8 @@ class SecretRotation(Input):
     )
 
 
-def overlap_of(body: SecretRotation | None, configured: int) -> int:
-    """The overlap a rotation asked for, else the configured one."""
+def overlap_of(body: KeyRotation | SecretRotation | None, configured: int) -> int:
+    """The overlap a rotation (of a key or a secret) asked for, else the configured one."""
     if body is not None and body.overlap_seconds is not None:
         return body.overlap_seconds
     return configured

@@ -7,15 +7,9 @@ import secrets
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 
-from postback_ingress.auth import (
-    ACCOUNT_KEY,
-    OPERATOR_TOKEN,
-    authenticate,
-    authenticate_current_key,
-    require_operator,
-)
+from postback_ingress.auth import ACCOUNT_KEY, Caller, Guards
 from postback_ingress.models import (
     AccountCreate,
     AccountPage,
@@ -65,19 +59,17 @@ def router(service: Service) -> APIRouter:
     settings = service.settings
     master = settings.master_key()
 
-    def operator(request: Request) -> None:
-        require_operator(request, settings.operator_token.get_secret_value())
+    guards = Guards(service)
 
     @api.post(
         "/v1/accounts",
         status_code=201,
         response_model=AccountCreatedView,
         tags=["accounts"],
-        openapi_extra=OPERATOR_TOKEN,
+        **guards.operator_only,
     )
-    async def create_account(body: AccountCreate, request: Request) -> AccountCreatedView:
+    async def create_account(body: AccountCreate) -> AccountCreatedView:
         """Create a consumer and/or owner account (operator). The secret is shown only here."""
-        operator(request)
         account_id = f"acc_{uuid7_hex()}"
         key_id, secret, key_hash = new_key()
         state = AccountState(
@@ -124,8 +116,7 @@ def router(service: Service) -> APIRouter:
     @api.get(
         "/v1/accounts/me", response_model=AccountView, tags=["accounts"], openapi_extra=ACCOUNT_KEY
     )
-    async def me(request: Request) -> AccountView:
-        caller = await authenticate(service.pool, request)
+    async def me(caller: Caller = Depends(guards.caller)) -> AccountView:
         row = await service.pool.fetchrow(VIEW + " WHERE account_id = $1", caller.account_id)
         return (await views([row]))[0]
 
@@ -133,28 +124,23 @@ def router(service: Service) -> APIRouter:
         "/v1/accounts/{account_id}",
         response_model=AccountView,
         tags=["accounts"],
-        openapi_extra=OPERATOR_TOKEN,
+        **guards.operator_only,
     )
-    async def read_account(account_id: str, request: Request) -> AccountView:
+    async def read_account(account_id: str) -> AccountView:
         """One account with its balances (operator)."""
-        operator(request)
         row = await service.pool.fetchrow(VIEW + " WHERE account_id = $1", account_id)
         if row is None:
             raise Problem(404, "account-not-found", "Account not found", f"no account {account_id}")
         return (await views([row]))[0]
 
-    @api.get(
-        "/v1/accounts", response_model=AccountPage, tags=["accounts"], openapi_extra=OPERATOR_TOKEN
-    )
+    @api.get("/v1/accounts", response_model=AccountPage, tags=["accounts"], **guards.operator_only)
     async def list_accounts(
-        request: Request,
         status: Literal["active", "suspended"] | None = None,
         role: Literal["consumer", "owner"] | None = None,
         limit: int = Query(50, ge=1, le=200),
         cursor: str | None = None,
     ) -> AccountPage:
         """Every account, oldest first, with its balances (operator); page with `next_cursor`."""
-        operator(request)
         after = decode_cursor(cursor, str)[0] if cursor else ""
         rows = await service.pool.fetch(
             VIEW + " WHERE account_id > $1 AND ($2::text IS NULL OR status = $2)"
@@ -175,12 +161,11 @@ def router(service: Service) -> APIRouter:
         status_code=202,
         response_model=CreditAccepted,
         tags=["accounts"],
-        openapi_extra=OPERATOR_TOKEN,
+        **guards.operator_only,
     )
     async def credit(account_id: str, body: CreditCreate, request: Request) -> CreditAccepted:
         """Credit a consumer's balance from operator funding (operator); settlement applies
         it. Sent again with the same `Idempotency-Key`, it is the same credit."""
-        operator(request)
         await require_balance(service.pool, account_id, "consumer", "credit")
         async with service.unit_of_work() as uow:
             credit_id, new = await once(
@@ -220,11 +205,12 @@ def router(service: Service) -> APIRouter:
         tags=["accounts"],
         openapi_extra=ACCOUNT_KEY,
     )
-    async def rotate_key(request: Request, body: KeyRotation | None = None) -> KeyRotated:
+    async def rotate_key(
+        body: KeyRotation | None = None, caller: Caller = Depends(guards.current_key_caller)
+    ) -> KeyRotated:
         """A new secret, shown once; the previous one keeps working for the overlap so clients
         can switch without downtime (`overlap_seconds: 0` revokes it at once). Only the current
         key may rotate."""
-        caller = await authenticate_current_key(service.pool, request)
         key_id, secret, key_hash = new_key()
         overlap = overlap_of(body, settings.key_rotation_overlap_seconds)
         valid_until = datetime.now(UTC) + timedelta(seconds=overlap)
@@ -249,13 +235,12 @@ def router(service: Service) -> APIRouter:
         openapi_extra=ACCOUNT_KEY,
     )
     async def rotate_webhook_secret(
-        request: Request, body: SecretRotation | None = None
+        body: SecretRotation | None = None, caller: Caller = Depends(guards.current_key_caller)
     ) -> WebhookSecretRotated:
         """A new secret for the messages to your calls' `webhook_url`, shown once. The previous
         one keeps signing for the overlap (every message carries both signatures), so your
         receiver can switch without dropping a message; `overlap_seconds: 0` revokes every
         older secret at once."""
-        caller = await authenticate_current_key(service.pool, request)
         overlap = overlap_of(body, settings.webhook_secret_overlap_seconds)
         now = datetime.now(UTC)
         until = now + timedelta(seconds=overlap)
@@ -302,22 +287,20 @@ def router(service: Service) -> APIRouter:
         "/v1/accounts/{account_id}/suspend",
         response_model=AccountView,
         tags=["accounts"],
-        openapi_extra=OPERATOR_TOKEN,
+        **guards.operator_only,
     )
-    async def suspend(account_id: str, body: Suspension, request: Request) -> AccountView:
+    async def suspend(account_id: str, body: Suspension) -> AccountView:
         """Suspend an account (operator): its new calls are refused with `account_suspended`."""
-        operator(request)
         return await set_status(account_id, "suspended", body.reason)
 
     @api.post(
         "/v1/accounts/{account_id}/reinstate",
         response_model=AccountView,
         tags=["accounts"],
-        openapi_extra=OPERATOR_TOKEN,
+        **guards.operator_only,
     )
-    async def reinstate(account_id: str, request: Request) -> AccountView:
+    async def reinstate(account_id: str) -> AccountView:
         """Lift a suspension (operator)."""
-        operator(request)
         return await set_status(account_id, "active", "")
 
     return api

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from fastapi import Request
+from fastapi import Depends, Request
 
 from postback_libs.http import Problem
+from postback_libs.runtime import Service
 from postback_libs.signing import parse_api_key, secret_matches
 
 # How each route authenticates, for the OpenAPI document (route option `openapi_extra`): an
@@ -203,6 +204,30 @@ def require_role(caller: Caller, role: str) -> None:
             f"This needs a {role} account",
             f"account {caller.account_id} is not a {role}",
         )
+
+
+class Guards:
+    """Who may call a route, as FastAPI dependencies: `caller: Caller = Depends(guards.caller)`
+    for an account, `**guards.operator_only` for the operator. FastAPI solves dependencies
+    before it validates a body, so a request without valid credentials is refused (401)
+    before anything about its body is said."""
+
+    def __init__(self, service: Service) -> None:
+        self._service = service
+
+    async def caller(self, request: Request) -> Caller:
+        return await authenticate(self._service.pool, request)
+
+    async def current_key_caller(self, request: Request) -> Caller:
+        return await authenticate_current_key(self._service.pool, request)
+
+    def operator(self, request: Request) -> None:
+        require_operator(request, self._service.settings.operator_token.get_secret_value())
+
+    @property
+    def operator_only(self) -> dict[str, Any]:
+        """The options of an operator's route: its check and its documentation together."""
+        return {"dependencies": [Depends(self.operator)], "openapi_extra": OPERATOR_TOKEN}
 
 
 def require_operator(request: Request, token: str) -> None:

@@ -177,8 +177,8 @@ def install(service: Service) -> None:
         )
 
     async def accept_v1(headers: Mapping[str, str], body: bytes) -> tuple[str, bool]:
-        req = _parsed(body)
         caller = await keys.authenticate(service.pool, headers)
+        req = _parsed(body)
         return await accept_call(
             service, writer, guard, caller, req, headers.get("idempotency-key"), "v1"
         )

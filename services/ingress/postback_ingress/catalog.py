@@ -7,19 +7,17 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
 from postback_ingress.auth import (
     ACCOUNT_KEY,
     ACCOUNT_KEY_OPTIONAL,
-    OPERATOR_TOKEN,
     Caller,
+    Guards,
     authenticate,
-    authenticate_current_key,
     has_credentials,
     require_active,
-    require_operator,
     require_role,
 )
 from postback_ingress.models import (
@@ -68,6 +66,7 @@ def public_view(state: dict[str, Any]) -> dict[str, Any]:
 def router(service: Service) -> APIRouter:
     api = APIRouter(tags=["catalog"])
     master = service.settings.master_key()
+    guards = Guards(service)
     guard = AddressPolicy(service.settings.allowed_network_list)
 
     async def owned(ref: str, caller: Caller) -> ApiState:
@@ -136,9 +135,10 @@ def router(service: Service) -> APIRouter:
     @api.post(
         "/v1/apis", status_code=201, response_model=ApiRegisteredView, openapi_extra=ACCOUNT_KEY
     )
-    async def register_api(body: ApiCreate, request: Request) -> ApiRegisteredView:
+    async def register_api(
+        body: ApiCreate, caller: Caller = Depends(guards.caller)
+    ) -> ApiRegisteredView:
         """Register an API (owner). The signing secret is shown here only."""
-        caller = await authenticate(service.pool, request)
         require_role(caller, "owner")
         require_active(caller)
         check_endpoints(body)
@@ -154,9 +154,10 @@ def router(service: Service) -> APIRouter:
         )
 
     @api.patch("/v1/apis/{ref}", openapi_extra=ACCOUNT_KEY)
-    async def update_api(ref: str, body: ApiUpdate, request: Request) -> JSONResponse:
+    async def update_api(
+        ref: str, body: ApiUpdate, caller: Caller = Depends(guards.caller)
+    ) -> JSONResponse:
         """Change some of an API's settings (its owner). Calls in flight keep their terms."""
-        caller = await authenticate(service.pool, request)
         require_active(caller)
         current = await owned(ref, caller)
         if current.status == "retired":
@@ -175,13 +176,14 @@ def router(service: Service) -> APIRouter:
         openapi_extra=ACCOUNT_KEY,
     )
     async def rotate_signing_secret(
-        ref: str, request: Request, body: SecretRotation | None = None
+        ref: str,
+        body: SecretRotation | None = None,
+        caller: Caller = Depends(guards.current_key_caller),
     ) -> SigningSecretRotated:
         """A new signing secret for the API's forwarded calls (its owner), shown once. The
         previous one keeps signing for the overlap (every call carries both signatures), so the
         upstream can switch without refusing a call; `overlap_seconds: 0` revokes every older
         secret at once."""
-        caller = await authenticate_current_key(service.pool, request)
         current = await owned(ref, caller)
         overlap = overlap_of(body, service.settings.webhook_secret_overlap_seconds)
         now = datetime.now(UTC)
@@ -204,10 +206,9 @@ def router(service: Service) -> APIRouter:
             previous_secret_valid_until=until if overlap else None,
         )
 
-    @api.put("/v1/apis/{ref}/fee", openapi_extra=OPERATOR_TOKEN)
-    async def set_fee(ref: str, body: ApiFee, request: Request) -> JSONResponse:
+    @api.put("/v1/apis/{ref}/fee", **guards.operator_only)
+    async def set_fee(ref: str, body: ApiFee) -> JSONResponse:
         """Set the platform's fee on one API (operator); calls in flight keep theirs."""
-        require_operator(request, service.settings.operator_token.get_secret_value())
         row = await service.pool.fetchrow(
             "SELECT state FROM apis WHERE api_id = $1 OR slug = $1", ref
         )
@@ -219,9 +220,8 @@ def router(service: Service) -> APIRouter:
         return JSONResponse(state.model_dump(mode="json"))
 
     @api.delete("/v1/apis/{ref}", openapi_extra=ACCOUNT_KEY)
-    async def retire_api(ref: str, request: Request) -> JSONResponse:
+    async def retire_api(ref: str, caller: Caller = Depends(guards.caller)) -> JSONResponse:
         """Retire an API (its owner): new calls are refused, calls in flight finish."""
-        caller = await authenticate(service.pool, request)
         current = await owned(ref, caller)
         if current.status == "retired":
             return JSONResponse(current.model_dump(mode="json"))

@@ -11,9 +11,9 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query
 
-from postback_ingress.auth import ACCOUNT_KEY, Caller, authenticate
+from postback_ingress.auth import ACCOUNT_KEY, Caller, Guards
 from postback_ingress.models import Input, Instant
 from postback_ingress.webhooks import load_endpoint, require_enabled
 from postback_libs.events import DeliveryRecoverRequested, DeliveryResendRequested, EndpointState
@@ -29,6 +29,7 @@ class Recovery(Input):
 
 def router(service: Service) -> APIRouter:
     api = APIRouter(tags=["webhooks"])
+    guards = Guards(service)
 
     async def load(caller: Caller, delivery_id: str) -> Any:
         """The caller's message (its row in the read model), or 404."""
@@ -44,10 +45,11 @@ def router(service: Service) -> APIRouter:
         return d
 
     @api.post("/v1/webhooks/{endpoint_id}/recover", status_code=202, openapi_extra=ACCOUNT_KEY)
-    async def recover(endpoint_id: str, body: Recovery, request: Request) -> dict[str, Any]:
+    async def recover(
+        endpoint_id: str, body: Recovery, caller: Caller = Depends(guards.caller)
+    ) -> dict[str, Any]:
         """Send again every message that failed or was exhausted for this endpoint since a
         time (each with a fresh retry cycle)."""
-        caller = await authenticate(service.pool, request)
         if body.until is not None and body.until <= body.since:
             raise Problem(422, "invalid-time-range", "Invalid time range", "until <= since")
         row = await load_endpoint(service.pool, caller, endpoint_id)
@@ -66,9 +68,8 @@ def router(service: Service) -> APIRouter:
         return {"recovery_id": recovery_id, "endpoint_id": endpoint_id, "status": "requested"}
 
     @api.post("/v1/deliveries/{delivery_id}/resend", status_code=202, openapi_extra=ACCOUNT_KEY)
-    async def resend(delivery_id: str, request: Request) -> dict[str, Any]:
+    async def resend(delivery_id: str, caller: Caller = Depends(guards.caller)) -> dict[str, Any]:
         """Send one message again to its destination, with a fresh retry cycle."""
-        caller = await authenticate(service.pool, request)
         d = await load(caller, delivery_id)
         if d["status"] == "pending":
             raise Problem(
@@ -103,8 +104,9 @@ def router(service: Service) -> APIRouter:
         return {"delivery_id": delivery_id, "status": "resend_requested"}
 
     @api.get("/v1/deliveries/{delivery_id}", openapi_extra=ACCOUNT_KEY)
-    async def get_delivery(delivery_id: str, request: Request) -> dict[str, Any]:
-        caller = await authenticate(service.pool, request)
+    async def get_delivery(
+        delivery_id: str, caller: Caller = Depends(guards.caller)
+    ) -> dict[str, Any]:
         d = await load(caller, delivery_id)
         attempts = await service.pool.fetch(
             "SELECT * FROM projection.delivery_attempts WHERE delivery_id = $1"
@@ -114,9 +116,10 @@ def router(service: Service) -> APIRouter:
         return _delivery(d) | {"attempts": [_attempt(a) for a in attempts]}
 
     @api.get("/v1/calls/{request_id}/deliveries", openapi_extra=ACCOUNT_KEY)
-    async def call_deliveries(request_id: str, request: Request) -> dict[str, Any]:
+    async def call_deliveries(
+        request_id: str, caller: Caller = Depends(guards.caller)
+    ) -> dict[str, Any]:
         """Every destination the call's outcome went to, with every attempt."""
-        caller = await authenticate(service.pool, request)
         known = await service.pool.fetchval(
             "SELECT 1 FROM calls WHERE request_id = $1 AND consumer_id = $2",
             request_id,
@@ -148,12 +151,11 @@ def router(service: Service) -> APIRouter:
     @api.get("/v1/webhooks/{endpoint_id}/attempts", openapi_extra=ACCOUNT_KEY)
     async def endpoint_attempts(
         endpoint_id: str,
-        request: Request,
         limit: int = Query(50, ge=1, le=100),
         before: Instant | None = Query(None, description="Only attempts made before this."),
+        caller: Caller = Depends(guards.caller),
     ) -> dict[str, Any]:
         """The endpoint's attempts, newest first (test messages included)."""
-        caller = await authenticate(service.pool, request)
         await load_endpoint(service.pool, caller, endpoint_id)
         rows = await service.pool.fetch(
             "SELECT * FROM projection.delivery_attempts WHERE endpoint_id = $1"
@@ -168,13 +170,12 @@ def router(service: Service) -> APIRouter:
     @api.get("/v1/webhooks/{endpoint_id}/deliveries", openapi_extra=ACCOUNT_KEY)
     async def endpoint_deliveries(
         endpoint_id: str,
-        request: Request,
         status: Literal["pending", "succeeded", "failed", "exhausted"] | None = None,
         limit: int = Query(50, ge=1, le=100),
         before: Instant | None = Query(None, description="Only messages made before this."),
+        caller: Caller = Depends(guards.caller),
     ) -> dict[str, Any]:
         """The endpoint's messages, newest first; `status=exhausted` lists the dead letters."""
-        caller = await authenticate(service.pool, request)
         await load_endpoint(service.pool, caller, endpoint_id)
         rows = await service.pool.fetch(
             "SELECT * FROM projection.deliveries WHERE endpoint_id = $1"

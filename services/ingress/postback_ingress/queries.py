@@ -7,10 +7,10 @@ import json
 from datetime import datetime
 from typing import Any, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
 
-from postback_ingress.auth import ACCOUNT_KEY, authenticate
+from postback_ingress.auth import ACCOUNT_KEY, Caller, Guards
 from postback_ingress.models import CallView, Instant, TimelineEntry
 from postback_ingress.paging import decode_cursor, encode_cursor
 from postback_libs.http import Problem, problem_type
@@ -69,13 +69,13 @@ def _view(row: Any, timeline: list[TimelineEntry]) -> CallView:
 
 def router(service: Service) -> APIRouter:
     api = APIRouter(tags=["calls"])
+    guards = Guards(service)
 
     @api.get("/v1/calls/{request_id}", response_model=CallView, openapi_extra=ACCOUNT_KEY)
-    async def get_call(request_id: str, request: Request) -> JSONResponse:
+    async def get_call(request_id: str, caller: Caller = Depends(guards.caller)) -> JSONResponse:
         """The call's status, its result when done, and the timeline of its events (the owner's
         upstream URL and the platform fee only for the API's owner, the webhook URL only for the
         consumer). While the call is in progress the answer carries `Retry-After`."""
-        caller = await authenticate(service.pool, request)
         row = await service.pool.fetchrow(
             "SELECT * FROM projection.calls WHERE request_id = $1"
             " AND (consumer_id = $2 OR owner_id = $2)",
@@ -128,7 +128,6 @@ def router(service: Service) -> APIRouter:
 
     @api.get("/v1/calls", openapi_extra=ACCOUNT_KEY)
     async def list_calls(
-        request: Request,
         role: Literal["consumer", "owner"] = Query(
             "consumer", description="Your calls (consumer) or the calls to your APIs (owner)."
         ),
@@ -141,9 +140,9 @@ def router(service: Service) -> APIRouter:
         until: Instant | None = Query(None, description="Requested before (RFC 3339)."),
         limit: int = Query(50, ge=1, le=200),
         cursor: str | None = None,
+        caller: Caller = Depends(guards.caller),
     ) -> JSONResponse:
         """Calls, newest first; page with `next_cursor`."""
-        caller = await authenticate(service.pool, request)
         after = decode_cursor(cursor, datetime, str) if cursor else None
         column = "consumer_id" if role == "consumer" else "owner_id"
         rows = await service.pool.fetch(

@@ -7,16 +7,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field, StrictInt, field_validator
 
-from postback_ingress.auth import (
-    ACCOUNT_KEY,
-    OPERATOR_TOKEN,
-    authenticate,
-    require_operator,
-    require_role,
-)
+from postback_ingress.auth import ACCOUNT_KEY, Caller, Guards, require_role
 from postback_ingress.models import Input, Instant
 from postback_ingress.operator_requests import once, require_balance
 from postback_ingress.paging import decode_cursor, encode_cursor
@@ -160,13 +154,13 @@ def _entry(row: Any) -> StatementEntry:
 
 def router(service: Service) -> APIRouter:
     api = APIRouter(tags=["accounts"])
-    settings = service.settings
+    guards = Guards(service)
 
     @api.post(
         "/v1/accounts/{account_id}/corrections",
         status_code=202,
         response_model=CorrectionView,
-        openapi_extra=OPERATOR_TOKEN,
+        **guards.operator_only,
     )
     async def request_correction(
         account_id: str, body: CorrectionCreate, request: Request
@@ -175,7 +169,6 @@ def router(service: Service) -> APIRouter:
         between operator funding and the account, or refuses it if it would take the account
         below zero; follow it at `GET /v1/accounts/{account_id}/corrections`. Sent again with
         the same `Idempotency-Key`, it is the same correction."""
-        require_operator(request, settings.operator_token.get_secret_value())
         await require_balance(service.pool, account_id, body.role, "correct")
         async with service.unit_of_work() as uow:
             correction_id, new = await once(
@@ -208,13 +201,12 @@ def router(service: Service) -> APIRouter:
     @api.get(
         "/v1/accounts/{account_id}/corrections",
         response_model=CorrectionList,
-        openapi_extra=OPERATOR_TOKEN,
+        **guards.operator_only,
     )
     async def list_corrections(
-        account_id: str, request: Request, limit: int = Query(50, ge=1, le=200)
+        account_id: str, limit: int = Query(50, ge=1, le=200)
     ) -> CorrectionList:
         """An account's corrections, newest first, with what became of each (operator)."""
-        require_operator(request, settings.operator_token.get_secret_value())
         rows = await service.pool.fetch(
             "SELECT * FROM projection.corrections WHERE account_id = $1"
             " ORDER BY correction_id DESC LIMIT $2",
@@ -225,14 +217,13 @@ def router(service: Service) -> APIRouter:
 
     @api.get("/v1/accounts/me/transfers", response_model=Statement, openapi_extra=ACCOUNT_KEY)
     async def statement(
-        request: Request,
         role: Role | None = Query(None, description="One of your balances; both by default."),
         limit: int = Query(50, ge=1, le=200),
         cursor: str | None = None,
+        caller: Caller = Depends(guards.caller),
     ) -> Statement:
         """Your statement: every transfer on your balances, newest first; page with
         `next_cursor`."""
-        caller = await authenticate(service.pool, request)
         if role is not None:
             require_role(caller, role)
         roles = [role] if role else list(caller.roles)
@@ -253,12 +244,11 @@ def router(service: Service) -> APIRouter:
 
     @api.get("/v1/accounts/me/earnings", response_model=Earnings, openapi_extra=ACCOUNT_KEY)
     async def earnings(
-        request: Request,
         since: Instant | None = Query(None, description="Captured at or after (RFC 3339)."),
         until: Instant | None = Query(None, description="Captured before (RFC 3339)."),
+        caller: Caller = Depends(guards.caller),
     ) -> Earnings:
         """What your APIs earned (owner): captured after the platform fee, per API."""
-        caller = await authenticate(service.pool, request)
         require_role(caller, "owner")
         account = f"owner:{caller.account_id}"
         rows = await service.pool.fetch(EARNINGS, account, since, until)

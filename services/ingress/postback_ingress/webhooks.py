@@ -13,9 +13,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Response
 
-from postback_ingress.auth import ACCOUNT_KEY, Caller, authenticate, authenticate_current_key
+from postback_ingress.auth import ACCOUNT_KEY, Caller, Guards
 from postback_ingress.models import SecretRotation, overlap_of
 from postback_ingress.webhook_models import (
     EndpointCreate,
@@ -97,6 +97,7 @@ def check_url(url: str, policy: AddressPolicy) -> None:
 
 def router(service: Service) -> APIRouter:
     api = APIRouter(tags=["webhooks"])
+    guards = Guards(service)
     settings = service.settings
     master = settings.master_key()
     guard = AddressPolicy(settings.allowed_network_list)
@@ -135,9 +136,10 @@ def router(service: Service) -> APIRouter:
         **documented(EndpointWithSecret, 201),
         openapi_extra=ACCOUNT_KEY,
     )
-    async def create_endpoint(body: EndpointCreate, request: Request) -> dict[str, Any]:
+    async def create_endpoint(
+        body: EndpointCreate, caller: Caller = Depends(guards.caller)
+    ) -> dict[str, Any]:
         """Subscribe an endpoint. The secret (or public key) is shown here and on rotation."""
-        caller = await authenticate(service.pool, request)
         _check_event_types(body.event_types)
         check_url(str(body.url), guard)
         fields = body.model_dump(mode="json", exclude={"retry_policy"})
@@ -172,11 +174,10 @@ def router(service: Service) -> APIRouter:
 
     @api.get("/v1/webhooks", **documented(EndpointPage), openapi_extra=ACCOUNT_KEY)
     async def list_endpoints(
-        request: Request,
         limit: int = Query(50, ge=1, le=100),
         after: str | None = Query(None, description="next_cursor of the previous page"),
+        caller: Caller = Depends(guards.caller),
     ) -> dict[str, Any]:
-        caller = await authenticate(service.pool, request)
         rows = await service.pool.fetch(
             "SELECT endpoint_id, state, created_at, updated_at FROM webhook_endpoints"
             " WHERE account_id = $1 AND deleted_at IS NULL AND ($2::text IS NULL"
@@ -192,16 +193,16 @@ def router(service: Service) -> APIRouter:
         }
 
     @api.get("/v1/webhooks/{endpoint_id}", **documented(EndpointView), openapi_extra=ACCOUNT_KEY)
-    async def get_endpoint(endpoint_id: str, request: Request) -> dict[str, Any]:
-        caller = await authenticate(service.pool, request)
+    async def get_endpoint(
+        endpoint_id: str, caller: Caller = Depends(guards.caller)
+    ) -> dict[str, Any]:
         row = await load(caller, endpoint_id)
         return view(EndpointState.model_validate_json(row["state"]), row)
 
     @api.patch("/v1/webhooks/{endpoint_id}", **documented(EndpointView), openapi_extra=ACCOUNT_KEY)
     async def update_endpoint(
-        endpoint_id: str, body: EndpointUpdate, request: Request
+        endpoint_id: str, body: EndpointUpdate, caller: Caller = Depends(guards.caller)
     ) -> dict[str, Any]:
-        caller = await authenticate(service.pool, request)
         sent = body.model_fields_set
         if body.event_types is not None:
             _check_event_types(body.event_types)
@@ -228,8 +229,9 @@ def router(service: Service) -> APIRouter:
         return view(state, {"created_at": row["created_at"], "updated_at": updated_at})
 
     @api.delete("/v1/webhooks/{endpoint_id}", status_code=204, openapi_extra=ACCOUNT_KEY)
-    async def delete_endpoint(endpoint_id: str, request: Request) -> Response:
-        caller = await authenticate(service.pool, request)
+    async def delete_endpoint(
+        endpoint_id: str, caller: Caller = Depends(guards.caller)
+    ) -> Response:
         async with service.unit_of_work() as uow:
             row = await load(caller, endpoint_id, uow.conn, lock=True)
             state = EndpointState.model_validate_json(row["state"])
@@ -241,12 +243,13 @@ def router(service: Service) -> APIRouter:
         "/v1/webhooks/{endpoint_id}/rotate-secret", **documented(Rotated), openapi_extra=ACCOUNT_KEY
     )
     async def rotate_secret(
-        endpoint_id: str, request: Request, body: SecretRotation | None = None
+        endpoint_id: str,
+        body: SecretRotation | None = None,
+        caller: Caller = Depends(guards.current_key_caller),
     ) -> dict[str, Any]:
         """A new secret version; the old one keeps signing (every message carries both
         signatures) for the overlap, so receivers can switch without dropping a message. No
         older secret signs past the overlap: `overlap_seconds: 0` revokes every one at once."""
-        caller = await authenticate_current_key(service.pool, request)
         overlap = overlap_of(body, settings.webhook_secret_overlap_seconds)
         now = datetime.now(UTC)
         until = now + timedelta(seconds=overlap)
@@ -271,10 +274,11 @@ def router(service: Service) -> APIRouter:
     @api.post(
         "/v1/webhooks/{endpoint_id}/test", **documented(SentTestMessage), openapi_extra=ACCOUNT_KEY
     )
-    async def send_test(endpoint_id: str, request: Request) -> dict[str, Any]:
+    async def send_test(
+        endpoint_id: str, caller: Caller = Depends(guards.caller)
+    ) -> dict[str, Any]:
         """Send a `webhook.test` message with an empty payload, once, never retried, and
         answer with what the endpoint did. The attempt is also kept in its history."""
-        caller = await authenticate(service.pool, request)
         row = await load(caller, endpoint_id)
         state = EndpointState.model_validate_json(row["state"])
         now = datetime.now(UTC)

@@ -454,7 +454,8 @@ class TransferVoided(TransferMoved):
 
 @event("balance.low", LEDGER)
 class BalanceLow(ConsumerLedgerEvent):
-    """A consumer's available balance fell below the low-balance threshold."""
+    """A consumer's available balance fell below the low-balance threshold. Sent once: again
+    only after a credit has lifted the balance back to the threshold."""
 
     balance: Money = Field(description="Available: the posted balance less what calls hold.")
     threshold: Money

@@ -160,8 +160,8 @@ class Settings(BaseSettings):
     low_balance_threshold: int = Field(
         0,
         ge=0,
-        description="A consumer whose available balance falls below this gets balance.low "
-        "(once per crossing); 0 turns it off.",
+        description="A consumer whose available balance falls below this gets balance.low, "
+        "once until a credit lifts it back to the threshold; 0 turns it off.",
     )
     reservation_grace_seconds: float = Field(
         300.0,

@@ -113,6 +113,7 @@ class Model:
     credits: set[str] = field(default_factory=set)
     corrections: set[str] = field(default_factory=set)
     lows: list[tuple[str, int]] = field(default_factory=list)
+    warned: set[str] = field(default_factory=set)  # told of a low balance, no credit since
 
     def a(self, account: str) -> list[int]:
         return self.acc.setdefault(account, [0, 0, 0, 0])
@@ -123,8 +124,14 @@ class Model:
 
     def low(self, account: str, before: int) -> None:
         after = self.available(account)
-        if account.startswith("consumer:") and before >= THRESHOLD > after:
+        crossed = account.startswith("consumer:") and before >= THRESHOLD > after
+        if crossed and account not in self.warned:
+            self.warned.add(account)
             self.lows.append((account.split(":", 1)[1], after))
+
+    def added(self, account: str) -> None:
+        if self.available(account) >= THRESHOLD:
+            self.warned.discard(account)
 
     def routed(self, e: CallRouted) -> None:
         if e.request_id in self.res:
@@ -168,6 +175,7 @@ class Model:
         self.credits.add(e.credit_id)
         self.a("operator:funding")[1] += e.amount
         self.a(f"consumer:{e.account_id}")[3] += e.amount
+        self.added(f"consumer:{e.account_id}")
 
     def correct(self, e: CorrectionRequested) -> None:
         account = f"{e.role}:{e.account_id}"
@@ -177,6 +185,7 @@ class Model:
         if e.amount > 0:
             self.a("operator:funding")[1] += e.amount
             self.a(account)[3] += e.amount
+            self.added(account)
         elif before < -e.amount:
             return
         else:

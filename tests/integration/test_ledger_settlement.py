@@ -142,7 +142,7 @@ async def test_the_platform_fee_is_the_default_rate_unless_the_api_sets_its_own(
         assert (await check(settings)).violations == []
 
 
-async def test_balance_low_is_emitted_once_per_crossing(settings):
+async def test_balance_low_is_sent_once_until_a_credit_lifts_the_balance(settings):
     settings = settings.model_copy(update={"low_balance_threshold": 50})
     consumer, owner = uid("acct_c"), uid("acct_o")
     async with (
@@ -173,15 +173,21 @@ async def test_balance_low_is_emitted_once_per_crossing(settings):
         )
         await events_of(calls, "call.refunded", fourth)
         await events_of(calls, "call.refunded", third)  # back to 60: above again
-        await call()  # 40: the second crossing
-        await events_of(ledger, "balance.low", n=2)
-        await fund(settings, ledger, consumer, 100)  # 140
+        await call()  # 40: crossing again, but no money came in since the warning
+        await fund(settings, ledger, consumer, 100)  # 140: a credit re-arms it
         await publish(
             settings,
             CorrectionRequested(correction_id=uid("cor"), account_id=consumer, amount=-100),
         )
-        await events_of(ledger, "balance.low", n=3)  # 40 by a correction: the third
-        await call(10)  # 30
+        await events_of(ledger, "balance.low", n=2)  # 40 by a correction: the second
+        held = await call(30)  # 10
+        await fund(settings, ledger, consumer, 20)  # 30: a credit that leaves it below
+        await publish(settings, CallFailed(request_id=held, reason="owner_error"))
+        await events_of(calls, "call.refunded", held)  # 60, not re-armed by that credit
+        await call()  # 40: no warning
+        await fund(settings, ledger, consumer, 30)  # 70: re-armed
+        await call(30)  # 40: the third
+        await events_of(ledger, "balance.low", n=3)
         await asyncio.sleep(0.5)
         assert lows() == [40, 40, 40]
         [low] = ledger.of_type("balance.low")[:1]

@@ -149,18 +149,28 @@ def test_an_existing_transfer_whose_cause_is_unapplied_is_a_contradiction():
         b2.reserve("r1", "c", "o", 10, 0)
 
 
-def test_balance_low_fires_once_per_crossing():
+def test_balance_low_fires_once_until_money_added_lifts_the_balance_back():
     b = book(100, threshold=50)
-    lows = []
-    for rid in ("r1", "r2", "r3", "r4"):
-        result = b.reserve(rid, "c", "o", 20, 0)
+
+    def low(rid: str, price: int = 20) -> int | None:
+        result = b.reserve(rid, "c", "o", price, 0)
         assert isinstance(result, Authorized)
-        lows.append(result.low)
-    assert lows == [None, None, 40, None]  # 80, 60, 40 (crossed), 20 (still below)
+        return result.low
+
+    assert [low(r) for r in ("r1", "r2", "r3", "r4")] == [None, None, 40, None]  # 40 crossed
     b.resolve("r3", "void")
-    b.resolve("r4", "void")  # back to 60
-    result = b.reserve("r5", "c", "o", 20, 0)
-    assert isinstance(result, Authorized) and result.low == 40  # crossed again
+    b.resolve("r4", "void")  # back to 60 by refunds alone
+    assert low("r5") is None  # 40: crossed again, but no money came in since the warning
+    b.resolve("r5", "void")  # 60
+    assert b.credit("cr1", CONSUMER, 5) is not None  # 65: re-armed
+    assert low("r6") == 45
+    assert low("r7", 30) is None  # 15
+    assert b.credit("cr2", CONSUMER, 10) is not None  # 25: still below, so not re-armed
+    b.resolve("r7", "void")  # 55
+    assert low("r8", 10) is None  # 45
+    corrected = b.correct("cor1", CONSUMER, 10)  # 55: money added, re-armed
+    assert isinstance(corrected, Corrected) and corrected.low is None
+    assert low("r9", 10) == 45
 
 
 @given(before=st.integers(-100, 100), after=st.integers(-100, 100), threshold=st.integers(0, 100))

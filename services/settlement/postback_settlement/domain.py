@@ -103,7 +103,7 @@ def resolution_id(pending_id: str, phase: str) -> str:
 
 def low_balance_crossed(before: int, after: int, threshold: int) -> bool:
     """Whether a change took a balance from at or above the threshold to below it: the one
-    moment to warn, so a consumer hears it once per crossing, not on every call below it."""
+    moment to warn, so a consumer hears it once, not on every call below it."""
     return threshold > 0 and before >= threshold > after
 
 
@@ -117,6 +117,9 @@ class Account:
     credits_posted: int = 0
     # TigerBeetle's `debits_must_not_exceed_credits`: set on consumer accounts.
     floor: bool = False
+    # Told of a low balance since money was last added: a refunded call that lifts the balance
+    # back over the threshold must not make the next call warn again.
+    low_balance_warned: bool = False
 
     @property
     def balance(self) -> int:
@@ -320,6 +323,7 @@ class Book:
             raise ValueError(f"a credit must be positive, not {amount}")
         t = Transfer(tid, FUNDING_ACCOUNT, account, amount, "single")
         self._apply(t)
+        self._rearm(self.accounts[account])
         return Credited(t, self.accounts[account].balance)
 
     def correct(
@@ -343,15 +347,28 @@ class Book:
                 return CorrectionDenied("insufficient_funds", before)
             t = Transfer(tid, account, FUNDING_ACCOUNT, -amount, "single")
         self._apply(t)
+        if amount > 0:
+            self._rearm(target)
         return Corrected(t, target.balance, self._low(target, before))
 
     # --- mechanics ---------------------------------------------------------------------------
 
     def _low(self, account: Account, before: int) -> int | None:
-        if account.kind != "consumer":
-            return None
+        """The balance to warn of, once: until money added lifts it to the threshold again."""
         after = account.available
-        return after if low_balance_crossed(before, after, self.low_balance_threshold) else None
+        if (
+            account.kind != "consumer"
+            or account.low_balance_warned
+            or not low_balance_crossed(before, after, self.low_balance_threshold)
+        ):
+            return None
+        account.low_balance_warned = True
+        return after
+
+    def _rearm(self, account: Account) -> None:
+        """Money was added: warn again at the next crossing if the balance is back up."""
+        if account.available >= self.low_balance_threshold:
+            account.low_balance_warned = False
 
     def _apply(self, t: Transfer) -> None:
         if t.id in self.existing_transfers:

@@ -34,7 +34,7 @@ SCRATCH_KEY = "settlement.ledger"
 
 LOCK_ACCOUNTS = """
 SELECT id, kind, debits_pending, debits_posted, credits_pending, credits_posted,
-       debits_must_not_exceed_credits AS floor
+       debits_must_not_exceed_credits AS floor, low_balance_warned
 FROM accounts WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE
 """
 CREATE_ACCOUNTS = """
@@ -49,9 +49,9 @@ FROM reservations WHERE request_id = ANY($1::text[]) ORDER BY request_id FOR UPD
 EXISTING_TRANSFERS = "SELECT id FROM transfers WHERE id = ANY($1::text[])"
 WRITE_ACCOUNTS = """
 UPDATE accounts a SET debits_pending = u.dp, debits_posted = u.dpo,
-                      credits_pending = u.cp, credits_posted = u.cpo
-FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[])
-     AS u(id, dp, dpo, cp, cpo)
+                      credits_pending = u.cp, credits_posted = u.cpo, low_balance_warned = u.lw
+FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], $6::boolean[])
+     AS u(id, dp, dpo, cp, cpo, lw)
 WHERE a.id = u.id
 """
 INSERT_TRANSFERS = """
@@ -101,6 +101,7 @@ def _account(r: Any) -> Account:
         r["credits_pending"],
         r["credits_posted"],
         r["floor"],
+        r["low_balance_warned"],
     )
 
 
@@ -131,6 +132,7 @@ async def save(conn: Any, book: Book) -> None:
             [a.debits_posted for a in accounts],
             [a.credits_pending for a in accounts],
             [a.credits_posted for a in accounts],
+            [a.low_balance_warned for a in accounts],
         )
     if book.transfers:
         ts = book.transfers

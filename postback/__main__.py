@@ -1,3 +1,3 @@
-from postback.cli import main
+from postback import main
 
 main()

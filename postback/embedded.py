@@ -222,6 +222,7 @@ class EmbeddedPostgres:
                 cwd=self.data_dir,
                 env=_clean_env(),
                 check=False,
+                start_new_session=True,  # a Ctrl-C stops `postback up` after it, not it halfway
                 **run_as,
             )
             if initdb.returncode != 0:
@@ -291,7 +292,13 @@ class EmbeddedPostgres:
         # A retry absorbs the race where another caller creates it between check and create.
         for _ in range(2):
             result = subprocess.run(  # noqa: S603
-                args, input=sql, capture_output=True, text=True, env=_clean_env(), timeout=60
+                args,
+                input=sql,
+                capture_output=True,
+                text=True,
+                env=_clean_env(),
+                timeout=60,
+                start_new_session=True,
             )
             if result.returncode == 0:
                 return

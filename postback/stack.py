@@ -5,6 +5,7 @@ process, restarted if it dies, all stopped in order on Ctrl-C or SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import http.client
 import os
 import secrets
@@ -14,10 +15,12 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from postback import INTERRUPTED
 from postback_libs.db import migrate, schema_for
 from postback_libs.settings import DEFAULT_PORTS, SERVICES, Settings
 from postback_libs.topics import ensure_topics
@@ -67,6 +70,8 @@ class Stack:
         self.pg: object | None = None
         self.kafka: object | None = None
         self.env: dict[str, str] = {}
+        # Set by Ctrl-C or SIGTERM: starting stops at the next step, running at the next tick.
+        self.stopping = False
 
     def port(self, service: str) -> int:
         return self.base_port + DEFAULT_PORTS[service] - DEFAULT_PORTS["ingress"]
@@ -157,7 +162,7 @@ class Stack:
     def wait_ready(self, timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout
         pending = set(self.children)
-        while pending:
+        while pending and not self.stopping:
             for service in list(pending):
                 child = self.children[service]
                 assert child.proc is not None
@@ -253,25 +258,28 @@ def write_env(stack: Stack) -> Path:
 
 def up(data_dir: Path, base_port: int, then: list[str] | None = None) -> int:
     stack = Stack(data_dir, base_port)
-    stopping = False
     problem = _unusable(stack)
     if problem is not None:
         _say(f"postback up: {problem}")
         return 2
 
     def on_signal(signum: int, _: object) -> None:
-        nonlocal stopping
-        stopping = True
+        stack.stopping = True
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    starting: list[Callable[[], None]] = [
+        stack.start_infrastructure,
+        stack.prepare,
+        *(functools.partial(stack.spawn, service) for service in SERVICES),
+        stack.wait_ready,
+    ]
     try:
         _say("Starting Postback")
-        stack.start_infrastructure()
-        stack.prepare()
-        for service in SERVICES:
-            stack.spawn(service)
-        stack.wait_ready()
+        for step in starting:
+            step()
+            if stack.stopping:
+                return INTERRUPTED
         _say(f"Postback is ready: {stack.urls()} logs={stack.data_dir / 'logs'}")
         _say(f"  operator token in {stack.data_dir / 'operator-token'}; Ctrl-C stops everything")
         _say(f"  operator commands on this stack: set -a; . {write_env(stack)}; set +a")
@@ -279,11 +287,13 @@ def up(data_dir: Path, base_port: int, then: list[str] | None = None) -> int:
             result = subprocess.run(then, env=stack.env, check=False)  # noqa: S603
             if result.returncode != 0:
                 return result.returncode
-        while not stopping:
+        while not stack.stopping:
             stack.supervise_once()
             time.sleep(0.5)
         return 0
     except RuntimeError as e:
+        if stack.stopping:  # a step the same Ctrl-C interrupted: not a failure to report
+            return INTERRUPTED
         _say(f"postback up failed: {e}")
         return 1
     finally:

@@ -184,3 +184,51 @@ def test_postback_up_says_which_port_is_taken_before_starting_anything(tmp_path:
     )
     assert result.returncode == 2 and "pick one with --data-dir" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_ctrl_c_while_postback_up_starts_stops_everything_it_started(tmp_path: Path) -> None:
+    """A terminal's Ctrl-C reaches the whole process group: `postback up` stops what it has
+    started and exits 130, without a traceback and without reporting a failure, whether it
+    comes while the command imports its modules or once the database runs."""
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    def start() -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "postback", "up", "--base-port", str(base)],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,  # its own group, as a shell's foreground job
+            # A shell's background job ignores SIGINT; the test runner may be one.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+
+    base = free_port(6)
+    early = start()
+    time.sleep(0.2)
+    os.killpg(early.pid, signal.SIGINT)
+    out, _ = early.communicate(timeout=60)
+    assert early.returncode == 130, out
+    assert "Traceback" not in out
+
+    proc = start()
+    assert proc.stdout is not None
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "database    embedded at" in line:
+            break
+    printed = "".join(seen)
+    broker = int(re.search(r"broker .* at 127\.0\.0\.1:(\d+)", printed)[1])  # type: ignore[index]
+    database = int(re.search(r"database .* at 127\.0\.0\.1:(\d+)", printed)[1])  # type: ignore[index]
+    os.killpg(proc.pid, signal.SIGINT)
+    out = printed + proc.communicate(timeout=60)[0]
+    assert proc.returncode == 130, out
+    assert "failed" not in out and "Traceback" not in out
+    assert "Stopped" in out
+    for port in (broker, database, *range(base, base + 6)):
+        assert not _port_open(port), f"port {port} still served after Ctrl-C:\n{out}"

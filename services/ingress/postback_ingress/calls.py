@@ -16,9 +16,9 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from postback_ingress.auth import ACCOUNT_KEY, Caller, KeyCache
+from postback_ingress.destinations import check_host
 from postback_ingress.group_commit import CallWriter
 from postback_ingress.models import CallAccepted, CallRequest
-from postback_ingress.webhooks import check_host
 from postback_libs.events import CALLS, CallRequested, Entry, new_event
 from postback_libs.http import App, Problem
 from postback_libs.ids import new_request_id

@@ -20,6 +20,7 @@ from postback_ingress.auth import (
     require_active,
     require_role,
 )
+from postback_ingress.destinations import check_url
 from postback_ingress.models import (
     ApiCreate,
     ApiFee,
@@ -30,7 +31,6 @@ from postback_ingress.models import (
     overlap_of,
 )
 from postback_ingress.paging import decode_cursor, encode_cursor
-from postback_ingress.webhooks import check_url
 from postback_libs.events import (
     ApiChange,
     ApiRegistered,

@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 from fastapi import APIRouter, Depends, Query, Response
 
 from postback_ingress.auth import ACCOUNT_KEY, Caller, Guards
+from postback_ingress.destinations import check_url
 from postback_ingress.models import SecretRotation, overlap_of
 from postback_ingress.webhook_models import (
     EndpointCreate,
@@ -83,16 +83,6 @@ def _check_event_types(patterns: list[str]) -> None:
             "Unknown event type",
             f"{', '.join(unknown)} match no event; see GET /v1/webhooks/event-types",
         )
-
-
-def check_host(host: str, policy: AddressPolicy) -> None:
-    """Refuse an IP-literal host the guard would refuse at every attempt anyway."""
-    if policy.refuses_host(host):
-        raise Problem(422, "url-not-allowed", "URL not allowed", f"{host} is not a public address")
-
-
-def check_url(url: str, policy: AddressPolicy) -> None:
-    check_host(urlsplit(url).hostname or "", policy)
 
 
 def router(service: Service) -> APIRouter:

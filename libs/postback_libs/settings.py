@@ -116,6 +116,15 @@ class Settings(BaseSettings):
             "may take until the call's deadline (the API's max_duration_seconds)."
         ),
     )
+    owner_accept_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description=(
+            "How long the owner of an API registered with delivery_mode async has to answer a "
+            "forwarded call (202) before it is tried again; its result may still take until "
+            "the call's deadline."
+        ),
+    )
     owner_max_attempts: int = Field(3, ge=1)
     default_max_duration_seconds: int = Field(300, ge=1)
     dispatch_concurrency: int = Field(64, ge=1)

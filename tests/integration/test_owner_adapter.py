@@ -139,6 +139,39 @@ async def test_an_async_owner_answers_by_callback(settings):
         assert types.index("call.accepted") < types.index("call.completed")
 
 
+async def test_an_async_owner_that_holds_the_request_open_is_asked_again(settings):
+    """An async API answers 202 at once: one that keeps a forwarded request open is stuck, and
+    the call is forwarded again after the accept timeout rather than left to use up its
+    deadline. Its result, posted back later, completes the call."""
+    settings = settings.model_copy(
+        update={"owner_timeout_seconds": None, "owner_accept_timeout_seconds": 1.0}
+    )
+    answers = owner_server().routes["/async"]
+    stuck = asyncio.Event()
+
+    async def stuck_once(request: web.Request) -> web.StreamResponse:
+        if not stuck.is_set():
+            stuck.set()
+            await asyncio.sleep(60)
+        return await answers(request)
+
+    async with (
+        HttpServer({"/async": stuck_once}) as owner,
+        TopicReader(settings, "postback.calls") as calls,
+        running(settings, owner_adapter),
+    ):
+        routed = await route_and_authorize(
+            settings, f"{owner.url}/async", delivery_mode="async", deadline_in=60
+        )
+        rid = routed.request_id
+        [completed] = await events_of(calls, "call.completed", rid, timeout=15)
+        assert completed.data["via"] == "callback"
+        attempts = [e.data["attempt"] for e in calls.of_type("call.dispatched", rid)]
+    assert attempts == [1, 2]
+    assert len(owner.received) == 2
+    assert (completed.time - routed.deadline).total_seconds() < -50  # not at the deadline
+
+
 async def test_callbacks_are_accepted_once_and_checked(settings):
     async with (
         silent_async_owner() as owner,

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from postback_libs.events import CallCompleted
 from postback_owner_adapter.domain import (
     BODY_METHODS,
+    answer_within,
     build_forward,
     callback_token,
     judge_response,
@@ -311,3 +312,17 @@ def test_json_an_event_cannot_carry_is_carried_as_text(raw):
     result = parse_result(raw, "application/json")
     assert isinstance(result, str)
     CallCompleted(request_id="r", via="response", result=result).model_dump_json().encode()
+
+
+@pytest.mark.parametrize(
+    ("mode", "request_cap", "expected"),
+    [
+        ("sync", None, None),  # until the deadline
+        ("sync", 20.0, 20.0),
+        ("async", None, 30.0),  # an async owner answers 202 at once
+        ("async", 10.0, 10.0),  # the operator's cap, when it is shorter
+        ("async", 60.0, 30.0),
+    ],
+)
+def test_how_long_an_owner_has_to_answer(mode, request_cap, expected):
+    assert answer_within(mode, request_cap=request_cap, accept_cap=30.0) == expected

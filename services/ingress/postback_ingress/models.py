@@ -232,7 +232,13 @@ class ApiFields(Input):
         default_factory=lambda: ["/"], min_length=1, description="Paths calls may take."
     )
     price: int = Field(0, ge=0, le=MAX_MONEY, description="Per call, in minor units.")
-    delivery_mode: Literal["sync", "async"] = "sync"
+    delivery_mode: Literal["sync", "async"] = Field(
+        "sync",
+        description="sync: the result is the answer to the forwarded call, which may take until "
+        "the deadline. async: the owner answers 202 at once (within "
+        "POSTBACK_OWNER_ACCEPT_TIMEOUT_SECONDS, else the call is forwarded again) and posts the "
+        "result to the callback URL. Either answer is taken from any API.",
+    )
     max_duration_seconds: int = Field(300, ge=1, le=86400)
     max_request_bytes: int = Field(262_144, ge=1, le=10_485_760)
     max_result_bytes: int = Field(1_048_576, ge=1, le=10_485_760)

@@ -18,18 +18,22 @@ from postback_libs.workqueue import LEASE_SLACK_SECONDS
 
 INSERT = """
 INSERT INTO dispatches (request_id, api_id, upstream_url, method, path, params, body, entry,
-    max_result_bytes, deadline, traceparent, status)
+    max_result_bytes, deadline, answer_within_seconds, traceparent, status)
 SELECT r.*, 'routed' FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-    $6::jsonb[], $7::jsonb[], $8::text[], $9::int[], $10::timestamptz[], $11::text[]) AS r
+    $6::jsonb[], $7::jsonb[], $8::text[], $9::int[], $10::timestamptz[], $11::float8[],
+    $12::text[]) AS r
 ON CONFLICT DO NOTHING
 RETURNING request_id
 """
 
 
-def lease_until(cap: str, slack: str) -> str:
-    """SQL for when a claim's lease ends, given the parameters holding the request's cap (NULL:
-    none, it may take until the deadline) and the slack: the request's end, then the slack."""
-    return f"least(deadline, now() + make_interval(secs => {cap})) + make_interval(secs => {slack})"
+def lease_until(slack: str) -> str:
+    """SQL for when a claim's lease ends, given the parameter holding the slack: the request's
+    end (its deadline, or sooner if it must answer sooner), then the slack."""
+    return (
+        "least(deadline, now() + make_interval(secs => answer_within_seconds))"
+        f" + make_interval(secs => {slack})"
+    )
 
 
 # Authorized calls are due at once; only a dispatch still 'routed' moves. Those this replica has
@@ -43,7 +47,7 @@ UPDATE dispatches d SET status = m.status, updated_at = now(),
 FROM unnest($1::text[], $2::text[]) AS m(request_id, status)
 WHERE d.request_id = m.request_id AND d.status = 'routed'
 RETURNING d.*
-""".format(lease=lease_until("$3", "$4"))
+""".format(lease=lease_until("$3"))
 
 Move = Literal["pending", "cancelled"]
 
@@ -62,7 +66,7 @@ def gathered(uow: UnitOfWork) -> Gathered:
     return found
 
 
-def routed(uow: UnitOfWork, call: Any) -> None:
+def routed(uow: UnitOfWork, call: Any, answer_within: float | None) -> None:
     g = gathered(uow)
     g.rows.setdefault(
         call.request_id,
@@ -77,6 +81,7 @@ def routed(uow: UnitOfWork, call: Any) -> None:
             call.entry,
             call.max_result_bytes,
             call.deadline,
+            answer_within,
             current_traceparent(),  # the call.routed handler's: the call's trace
         ),
     )
@@ -99,10 +104,10 @@ def first_moves(g: Gathered, inserted: set[str]) -> list[tuple[str, Move]]:
     return out
 
 
-async def write(uow: UnitOfWork, *, claim: int = 0, request_cap: float | None = None) -> list[Any]:
+async def write(uow: UnitOfWork, *, claim: int = 0) -> list[Any]:
     """Write what the batch gathered, claiming up to `claim` of the calls it makes due; returns
     the dispatches it made due, claimed ones with status 'dispatching'. A claim's lease lasts
-    as long as its request may (until the deadline, or `request_cap` seconds), and then
+    as long as its request may (until the deadline, or its `answer_within_seconds`), and then
     `LEASE_SLACK_SECONDS`."""
     g: Gathered | None = uow.scratch.pop("dispatches", None)
     if g is None:
@@ -119,7 +124,5 @@ async def write(uow: UnitOfWork, *, claim: int = 0, request_cap: float | None = 
         claimed = to == "pending" and claim > 0
         claim -= claimed
         statuses.append("dispatching" if claimed else to)
-    rows = await uow.conn.fetch(
-        MOVE, [m[0] for m in moves], statuses, request_cap, LEASE_SLACK_SECONDS
-    )
+    rows = await uow.conn.fetch(MOVE, [m[0] for m in moves], statuses, LEASE_SLACK_SECONDS)
     return sorted((r for r in rows if r["status"] != "cancelled"), key=lambda r: r["request_id"])

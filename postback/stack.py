@@ -263,8 +263,12 @@ def up(data_dir: Path, base_port: int, then: list[str] | None = None) -> int:
         _say(f"postback up: {problem}")
         return 2
 
+    stopped_by = INTERRUPTED
+
     def on_signal(signum: int, _: object) -> None:
+        nonlocal stopped_by
         stack.stopping = True
+        stopped_by = 128 + signum  # 130 for Ctrl-C, 143 for SIGTERM, as shells report them
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -279,7 +283,7 @@ def up(data_dir: Path, base_port: int, then: list[str] | None = None) -> int:
         for step in starting:
             step()
             if stack.stopping:
-                return INTERRUPTED
+                return stopped_by
         _say(f"Postback is ready: {stack.urls()} logs={stack.data_dir / 'logs'}")
         _say(f"  operator token in {stack.data_dir / 'operator-token'}; Ctrl-C stops everything")
         _say(f"  operator commands on this stack: set -a; . {write_env(stack)}; set +a")
@@ -293,7 +297,7 @@ def up(data_dir: Path, base_port: int, then: list[str] | None = None) -> int:
         return 0
     except RuntimeError as e:
         if stack.stopping:  # a step the same Ctrl-C interrupted: not a failure to report
-            return INTERRUPTED
+            return stopped_by
         _say(f"postback up failed: {e}")
         return 1
     finally:

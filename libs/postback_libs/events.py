@@ -454,8 +454,10 @@ class TransferVoided(TransferMoved):
 
 @event("balance.low", LEDGER)
 class BalanceLow(ConsumerLedgerEvent):
-    """A consumer's available balance fell below the low-balance threshold. Sent once: again
-    only after a credit has lifted the balance back to the threshold."""
+    """A consumer's available balance fell below the low-balance threshold.
+
+    Sent once, and again only at a crossing after money was added (a credit or a positive
+    correction)."""
 
     balance: Money = Field(description="Available: the posted balance less what calls hold.")
     threshold: Money

@@ -170,7 +170,7 @@ class Settings(BaseSettings):
         0,
         ge=0,
         description="A consumer whose available balance falls below this gets balance.low, "
-        "once until a credit lifts it back to the threshold; 0 turns it off.",
+        "once, and again only after money was added; 0 turns it off.",
     )
     reservation_grace_seconds: float = Field(
         300.0,

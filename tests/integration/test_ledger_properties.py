@@ -130,8 +130,7 @@ class Model:
             self.lows.append((account.split(":", 1)[1], after))
 
     def added(self, account: str) -> None:
-        if self.available(account) >= THRESHOLD:
-            self.warned.discard(account)
+        self.warned.discard(account)
 
     def routed(self, e: CallRouted) -> None:
         if e.request_id in self.res:

@@ -1,7 +1,7 @@
 """Settlement's ledger against the real broker and Postgres: the platform fee from the default
-rate or the API's own, `balance.low` once per crossing, reservations released long after their
-deadline when no outcome came, `postback ledger check` (tables and topic), and the balances
-rebuilt from the ledger topic."""
+rate or the API's own, `balance.low` once until money is added, reservations released long
+after their deadline when no outcome came, `postback ledger check` (tables and topic), and the
+balances rebuilt from the ledger topic."""
 
 from __future__ import annotations
 
@@ -142,7 +142,7 @@ async def test_the_platform_fee_is_the_default_rate_unless_the_api_sets_its_own(
         assert (await check(settings)).violations == []
 
 
-async def test_balance_low_is_sent_once_until_a_credit_lifts_the_balance(settings):
+async def test_balance_low_is_sent_once_until_money_is_added(settings):
     settings = settings.model_copy(update={"low_balance_threshold": 50})
     consumer, owner = uid("acct_c"), uid("acct_o")
     async with (
@@ -181,12 +181,10 @@ async def test_balance_low_is_sent_once_until_a_credit_lifts_the_balance(setting
         )
         await events_of(ledger, "balance.low", n=2)  # 40 by a correction: the second
         held = await call(30)  # 10
-        await fund(settings, ledger, consumer, 20)  # 30: a credit that leaves it below
+        await fund(settings, ledger, consumer, 20)  # 30: a top-up while a call holds money
         await publish(settings, CallFailed(request_id=held, reason="owner_error"))
-        await events_of(calls, "call.refunded", held)  # 60, not re-armed by that credit
-        await call()  # 40: no warning
-        await fund(settings, ledger, consumer, 30)  # 70: re-armed
-        await call(30)  # 40: the third
+        await events_of(calls, "call.refunded", held)  # 60
+        await call()  # 40: the third, re-armed by that top-up
         await events_of(ledger, "balance.low", n=3)
         await asyncio.sleep(0.5)
         assert lows() == [40, 40, 40]

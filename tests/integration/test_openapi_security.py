@@ -1,6 +1,7 @@
 """The OpenAPI document says how each route authenticates, and the running service agrees:
-every route documented as needing a secret refuses a request without one, before it reads the
-request's body, and no public route does."""
+every route documented as needing a secret refuses a request without one, before it judges the
+fields of the request's body, and refuses the other kind of credential too; no public route
+refuses a request without one."""
 
 from __future__ import annotations
 
@@ -19,6 +20,11 @@ async def test_documented_security_matches_what_each_route_enforces(settings):
             "consumerKey",
             "operatorToken",
         }
+        operator = {"Authorization": f"Bearer {settings.operator_token.get_secret_value()}"}
+        created = await http.post(
+            "/v1/accounts", headers=operator, json={"name": "probe", "roles": ["consumer"]}
+        )
+        account = {"Authorization": f"Bearer {created.json()['secret']}"}
         checked = {"secured": 0, "public": 0}
         for path, operations in document["paths"].items():
             if not path.startswith(("/v1/", "/api/", "/internal/")):
@@ -32,6 +38,11 @@ async def test_documented_security_matches_what_each_route_enforces(settings):
                 if required:
                     # Refused before its body (`{}`, invalid for most) is validated: no 422.
                     assert r.status_code == 401, (method, path, r.status_code)
+                    # And the other kind of credential is no credential here.
+                    schemes = {name for s in operation["security"] for name in s}
+                    other = account if schemes == {"operatorToken"} else operator
+                    r = await http.request(method.upper(), url, json={}, headers=other)
+                    assert r.status_code == 401, (method, path, "other credential", r.status_code)
                     checked["secured"] += 1
                 else:
                     assert r.status_code != 401, (method, path)

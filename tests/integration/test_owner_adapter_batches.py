@@ -93,9 +93,9 @@ async def test_a_batch_claims_what_it_has_room_for_with_a_lease(pool, settings):
     calls = [call_routed("https://o.example/") for _ in range(3)]
     async with unit_of_work(pool, "owner-adapter", settings) as uow:
         for c in calls:
-            intake.routed(uow, c, 40)
+            intake.routed(uow, c, None)
             intake.moved(uow, c.request_id, "pending")
-        rows = await intake.write(uow, claim=2)
+        rows = await intake.write(uow, claim=2, request_cap=40)
     assert sorted(r["status"] for r in rows) == ["dispatching", "dispatching", "pending"]
     stored = await pool.fetch(
         "SELECT status, attempts, lease_until > now() AS leased FROM dispatches"

@@ -17,6 +17,7 @@ from postback_owner_adapter.domain import (
     callback_token,
     judge_response,
     parse_result,
+    request_seconds,
     result_digest,
     retry_delay,
     token_is_valid,
@@ -314,15 +315,19 @@ def test_json_an_event_cannot_carry_is_carried_as_text(raw):
     CallCompleted(request_id="r", via="response", result=result).model_dump_json().encode()
 
 
+def test_an_async_owner_answers_at_once_a_sync_one_until_the_deadline():
+    assert answer_within("async", 30.0) == 30.0
+    assert answer_within("sync", 30.0) is None
+
+
 @pytest.mark.parametrize(
-    ("mode", "request_cap", "expected"),
+    ("caps", "expected"),
     [
-        ("sync", None, None),  # until the deadline
-        ("sync", 20.0, 20.0),
-        ("async", None, 30.0),  # an async owner answers 202 at once
-        ("async", 10.0, 10.0),  # the operator's cap, when it is shorter
-        ("async", 60.0, 30.0),
+        ((None, None), 100.0),  # until the deadline
+        ((30.0, None), 30.0),  # an async owner's answer
+        ((30.0, 10.0), 10.0),  # the operator's cap, when it is shorter
+        ((None, 500.0), 100.0),  # never past the deadline
     ],
 )
-def test_how_long_an_owner_has_to_answer(mode, request_cap, expected):
-    assert answer_within(mode, request_cap=request_cap, accept_cap=30.0) == expected
+def test_how_long_one_forwarded_request_may_take(caps, expected):
+    assert request_seconds(100.0, *caps) == expected

@@ -9,13 +9,15 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends, Request
 
 from postback_libs.http import Problem
-from postback_libs.runtime import Service
 from postback_libs.signing import parse_api_key, secret_matches
+
+if TYPE_CHECKING:
+    from postback_libs.runtime import Service
 
 # How each route authenticates, for the OpenAPI document (route option `openapi_extra`): an
 # account's secret as a bearer token or as `X-Consumer-Key`, or the operator token.
@@ -209,8 +211,9 @@ def require_role(caller: Caller, role: str) -> None:
 class Guards:
     """Who may call a route, as FastAPI dependencies: `caller: Caller = Depends(guards.caller)`
     for an account, `**guards.operator_only` for the operator. FastAPI solves dependencies
-    before it validates a body, so a request without valid credentials is refused (401)
-    before anything about its body is said."""
+    before it validates a body's fields, so a request without valid credentials is refused
+    (401) before any field of its body is judged (a body that is not JSON at all is still
+    answered 422 first)."""
 
     def __init__(self, service: Service) -> None:
         self._service = service
@@ -221,7 +224,7 @@ class Guards:
     async def current_key_caller(self, request: Request) -> Caller:
         return await authenticate_current_key(self._service.pool, request)
 
-    def operator(self, request: Request) -> None:
+    async def operator(self, request: Request) -> None:
         require_operator(request, self._service.settings.operator_token.get_secret_value())
 
     @property

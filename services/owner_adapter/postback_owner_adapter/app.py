@@ -11,7 +11,6 @@ call gets exactly one of completed, failed or timed out, whichever comes first."
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import time
 from datetime import UTC, datetime, timedelta
@@ -83,11 +82,9 @@ def build(settings: Settings) -> Service:
     service = Service("owner-adapter", "postback_owner_adapter", settings)
     master = settings.master_key()
     handlers = Handlers("owner-adapter", CALLS.name)
-    answer_within = functools.partial(
-        domain.answer_within,
-        request_cap=settings.owner_timeout_seconds,
-        accept_cap=settings.owner_accept_timeout_seconds,
-    )
+    # The operator's cap on any one request, applied when a dispatch is claimed: a change
+    # reaches the calls already routed too.
+    request_cap = settings.owner_timeout_seconds
     # Which signing secrets of each API sign its forwarded calls, followed in every replica.
     api_secrets = SecretVersions(signing_secret_versions)
     service.follow(CATALOG, api_secrets.apply)
@@ -96,7 +93,10 @@ def build(settings: Settings) -> Service:
     # Handlers only gather; the batch is written at once before it commits (intake.py).
     @handlers.on(CallRouted)
     async def record_call(event: CloudEvent, call: CallRouted, uow: UnitOfWork) -> None:
-        intake.routed(uow, call, answer_within(call.delivery_mode))
+        answer_within = domain.answer_within(
+            call.delivery_mode, settings.owner_accept_timeout_seconds
+        )
+        intake.routed(uow, call, answer_within)
 
     @handlers.on(CallAuthorized)
     async def schedule_dispatch(event: CloudEvent, call: CallAuthorized, uow: UnitOfWork) -> None:
@@ -115,7 +115,7 @@ def build(settings: Settings) -> Service:
 
     async def write_intake(uow: UnitOfWork) -> None:
         room = settings.dispatch_concurrency - len(busy) - len(claimed)
-        rows = await intake.write(uow, claim=max(0, room))
+        rows = await intake.write(uow, claim=max(0, room), request_cap=request_cap)
         claiming[:] = [r for r in rows if r["status"] == "dispatching"]
 
     def intake_committed() -> None:
@@ -169,9 +169,11 @@ def build(settings: Settings) -> Service:
         now = datetime.now(UTC)
         # A request may take until the call's deadline, or as long as the owner has to answer:
         # a claimed dispatch's lease outlives it, so only a dead replica loses one.
-        total = max(0.1, (row["deadline"] - now).total_seconds())
-        if row["answer_within_seconds"] is not None:
-            total = min(total, row["answer_within_seconds"])
+        total = domain.request_seconds(
+            max(0.1, (row["deadline"] - now).total_seconds()),
+            row["answer_within_seconds"],
+            request_cap,
+        )
         if not fits_lease((row["lease_until"] - now).total_seconds(), total):
             # It waited for a slot so long that its lease could run out mid-request, and
             # another replica forward it too: handed back instead, due again at once.
@@ -302,7 +304,7 @@ def build(settings: Settings) -> Service:
             return rows
         rows = await service.pool.fetch(
             "UPDATE dispatches SET status = 'dispatching', attempts = attempts + 1,"
-            f" lease_until = {intake.lease_until('$2')}, updated_at = now()"
+            f" lease_until = {intake.lease_until('$2', '$3')}, updated_at = now()"
             " WHERE request_id IN (SELECT request_id FROM dispatches"
             "   WHERE ((status = 'pending' AND next_attempt_at <= now())"
             "      OR (status = 'dispatching' AND lease_until < now()))"
@@ -310,6 +312,7 @@ def build(settings: Settings) -> Service:
             "   ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED)"
             " RETURNING *",
             n,
+            request_cap,
             LEASE_SLACK_SECONDS,
         )
         return rows

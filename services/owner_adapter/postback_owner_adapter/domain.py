@@ -100,17 +100,17 @@ def build_forward(
 Verdict = Literal["completed", "accepted", "retry", "refused", "too_large"]
 
 
-def answer_within(
-    delivery_mode: str, *, request_cap: float | None, accept_cap: float
-) -> float | None:
-    """How long the owner has to answer one forwarded request before it is tried again; None:
-    until the call's deadline. An API registered as async answers 202 at once and posts its
-    result later, so one that keeps the request open is stuck and is tried again, rather than
-    left to use up the call's whole deadline."""
-    caps = [
-        c for c in (request_cap, accept_cap if delivery_mode == "async" else None) if c is not None
-    ]
-    return min(caps, default=None)
+def answer_within(delivery_mode: str, accept_cap: float) -> float | None:
+    """How long the owner of an API in this mode has to answer one forwarded request before it
+    is tried again; None: until the call's deadline. An async API answers 202 at once and posts
+    its result later, so one that keeps the request open is stuck and is tried again, rather
+    than left to use up the call's whole deadline."""
+    return accept_cap if delivery_mode == "async" else None
+
+
+def request_seconds(until_deadline: float, *caps: float | None) -> float:
+    """How long one forwarded request may take: until the deadline, or the shortest cap."""
+    return min([until_deadline, *(c for c in caps if c is not None)])
 
 
 def judge_response(status: int, body_size: int, max_result_bytes: int) -> Verdict:

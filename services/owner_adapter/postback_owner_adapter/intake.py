@@ -27,12 +27,13 @@ RETURNING request_id
 """
 
 
-def lease_until(slack: str) -> str:
-    """SQL for when a claim's lease ends, given the parameter holding the slack: the request's
-    end (its deadline, or sooner if it must answer sooner), then the slack."""
+def lease_until(cap: str, slack: str) -> str:
+    """SQL for when a claim's lease ends, given the parameters holding the operator's cap on a
+    request (NULL: none) and the slack: the request's end (its deadline, or sooner if its owner
+    must answer sooner or the cap cuts it short), then the slack. `least` skips NULLs."""
     return (
-        "least(deadline, now() + make_interval(secs => answer_within_seconds))"
-        f" + make_interval(secs => {slack})"
+        "least(deadline, now() + make_interval(secs => answer_within_seconds),"
+        f" now() + make_interval(secs => {cap})) + make_interval(secs => {slack})"
     )
 
 
@@ -47,7 +48,7 @@ UPDATE dispatches d SET status = m.status, updated_at = now(),
 FROM unnest($1::text[], $2::text[]) AS m(request_id, status)
 WHERE d.request_id = m.request_id AND d.status = 'routed'
 RETURNING d.*
-""".format(lease=lease_until("$3"))
+""".format(lease=lease_until("$3", "$4"))
 
 Move = Literal["pending", "cancelled"]
 
@@ -104,11 +105,11 @@ def first_moves(g: Gathered, inserted: set[str]) -> list[tuple[str, Move]]:
     return out
 
 
-async def write(uow: UnitOfWork, *, claim: int = 0) -> list[Any]:
+async def write(uow: UnitOfWork, *, claim: int = 0, request_cap: float | None = None) -> list[Any]:
     """Write what the batch gathered, claiming up to `claim` of the calls it makes due; returns
     the dispatches it made due, claimed ones with status 'dispatching'. A claim's lease lasts
-    as long as its request may (until the deadline, or its `answer_within_seconds`), and then
-    `LEASE_SLACK_SECONDS`."""
+    as long as its request may (until the deadline, its `answer_within_seconds` or
+    `request_cap`), and then `LEASE_SLACK_SECONDS`."""
     g: Gathered | None = uow.scratch.pop("dispatches", None)
     if g is None:
         return []
@@ -124,5 +125,7 @@ async def write(uow: UnitOfWork, *, claim: int = 0) -> list[Any]:
         claimed = to == "pending" and claim > 0
         claim -= claimed
         statuses.append("dispatching" if claimed else to)
-    rows = await uow.conn.fetch(MOVE, [m[0] for m in moves], statuses, LEASE_SLACK_SECONDS)
+    rows = await uow.conn.fetch(
+        MOVE, [m[0] for m in moves], statuses, request_cap, LEASE_SLACK_SECONDS
+    )
     return sorted((r for r in rows if r["status"] != "cancelled"), key=lambda r: r["request_id"])

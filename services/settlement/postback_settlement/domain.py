@@ -118,7 +118,7 @@ class Account:
     # TigerBeetle's `debits_must_not_exceed_credits`: set on consumer accounts.
     floor: bool = False
     # Told of a low balance since money was last added: a refunded call that lifts the balance
-    # back over the threshold must not make the next call warn again.
+    # back over the threshold must not make the next call warn again; a credit re-arms it.
     low_balance_warned: bool = False
 
     @property
@@ -323,7 +323,7 @@ class Book:
             raise ValueError(f"a credit must be positive, not {amount}")
         t = Transfer(tid, FUNDING_ACCOUNT, account, amount, "single")
         self._apply(t)
-        self._rearm(self.accounts[account])
+        self.accounts[account].low_balance_warned = False  # money added: warn again
         return Credited(t, self.accounts[account].balance)
 
     def correct(
@@ -348,13 +348,13 @@ class Book:
             t = Transfer(tid, account, FUNDING_ACCOUNT, -amount, "single")
         self._apply(t)
         if amount > 0:
-            self._rearm(target)
+            target.low_balance_warned = False  # money added: warn again
         return Corrected(t, target.balance, self._low(target, before))
 
     # --- mechanics ---------------------------------------------------------------------------
 
     def _low(self, account: Account, before: int) -> int | None:
-        """The balance to warn of, once: until money added lifts it to the threshold again."""
+        """The balance to warn of at a crossing, once until money is added."""
         after = account.available
         if (
             account.kind != "consumer"
@@ -364,11 +364,6 @@ class Book:
             return None
         account.low_balance_warned = True
         return after
-
-    def _rearm(self, account: Account) -> None:
-        """Money was added: warn again at the next crossing if the balance is back up."""
-        if account.available >= self.low_balance_threshold:
-            account.low_balance_warned = False
 
     def _apply(self, t: Transfer) -> None:
         if t.id in self.existing_transfers:

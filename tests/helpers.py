@@ -20,6 +20,8 @@ from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from postback.embedded import free_port
+from postback_delivery.app import build as delivery
+from postback_ingress.app import build as ingress
 from postback_libs.events import (
     AccountState,
     ApiState,
@@ -31,8 +33,15 @@ from postback_libs.events import (
 from postback_libs.offsets import OffsetGaps, guarded, seek_to_log_start
 from postback_libs.runtime import Service
 from postback_libs.settings import Settings
+from postback_owner_adapter.app import build as owner_adapter
+from postback_projection.app import build as projection
+from postback_routing.app import build as routing
+from postback_settlement.app import build as settlement
 
 OPERATOR = {"Authorization": "Bearer test-operator-token"}
+
+# Every service, as `postback up` runs them.
+EVERY_SERVICE = (ingress, routing, settlement, owner_adapter, delivery, projection)
 
 
 @contextlib.asynccontextmanager

@@ -7,14 +7,9 @@ import json
 
 from standardwebhooks.webhooks import Webhook
 
-from postback_delivery.app import build as delivery
-from postback_ingress.app import build as ingress
 from postback_libs.events import CloudEvent
-from postback_owner_adapter.app import build as owner_adapter
-from postback_projection.app import build as projection
-from postback_routing.app import build as routing
-from postback_settlement.app import build as settlement
 from tests.helpers import (
+    EVERY_SERVICE,
     OPERATOR,
     TopicReader,
     bearer,
@@ -27,7 +22,6 @@ from tests.helpers import (
     running,
 )
 
-ALL = (ingress, routing, settlement, owner_adapter, delivery, projection)
 PRICE = 10
 
 
@@ -47,7 +41,11 @@ async def balance(http, account, role="consumer"):
 
 
 async def test_calls_are_routed_settled_and_delivered_signed(settings):
-    async with owner_server() as owner_http, receiver() as hooks, running(settings, *ALL) as svcs:
+    async with (
+        owner_server() as owner_http,
+        receiver() as hooks,
+        running(settings, *EVERY_SERVICE) as svcs,
+    ):
         http = client(svcs[0])
         owner = await create_account(http, ["owner"], "owner")
         consumer = await create_account(http, ["consumer"], "consumer")
@@ -175,7 +173,7 @@ async def test_one_call_is_one_trace_from_the_request_to_its_webhook(settings):
         TopicReader(settings, "postback.calls") as calls,
         TopicReader(settings, "postback.ledger") as ledger,
         TopicReader(settings, "postback.deliveries") as deliveries,
-        running(settings, *ALL) as svcs,
+        running(settings, *EVERY_SERVICE) as svcs,
     ):
         http = client(svcs[0])
         owner = await create_account(http, ["owner"], "owner")

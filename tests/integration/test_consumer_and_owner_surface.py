@@ -9,14 +9,13 @@ import json
 import httpx
 import requests
 
-from postback_delivery.app import build as delivery
 from postback_ingress.app import build as ingress
 from postback_libs.events import CALLS, CallRequested
-from postback_owner_adapter.app import build as owner_adapter
 from postback_projection.app import build as projection
 from postback_routing.app import build as routing
 from postback_settlement.app import build as settlement
 from tests.helpers import (
+    EVERY_SERVICE,
     OPERATOR,
     TopicReader,
     bearer,
@@ -28,8 +27,6 @@ from tests.helpers import (
     receiver,
     running,
 )
-
-ALL = (ingress, routing, settlement, owner_adapter, delivery, projection)
 
 
 async def register(http, owner, slug, endpoint, **extra):
@@ -178,7 +175,11 @@ async def test_catalog_update_retire_and_search(settings):
 
 
 async def test_every_refusal_reaches_the_consumers_webhook(settings):
-    async with owner_server() as owner_http, receiver() as hooks, running(settings, *ALL) as svcs:
+    async with (
+        owner_server() as owner_http,
+        receiver() as hooks,
+        running(settings, *EVERY_SERVICE) as svcs,
+    ):
         http = client(svcs[0])
         owner = await create_account(http, ["owner"])
         consumer = await create_account(http, ["consumer"])
@@ -336,7 +337,11 @@ async def test_rate_limit_and_quota_hold_across_two_routing_replicas(settings):
 
 
 async def test_seed_compatible_entry_points_with_plain_clients(settings):
-    async with owner_server() as owner_http, receiver() as hooks, running(settings, *ALL) as svcs:
+    async with (
+        owner_server() as owner_http,
+        receiver() as hooks,
+        running(settings, *EVERY_SERVICE) as svcs,
+    ):
         http = client(svcs[0])
         owner = await create_account(http, ["owner"])
         consumer = await create_account(http, ["consumer"])

@@ -9,18 +9,13 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from postback_delivery.app import build as delivery
-from postback_ingress.app import build as ingress
 from postback_libs.events import CallRequested, new_event
 from postback_libs.outbox import new_producer
 from postback_libs.topics import ensure_topics
-from postback_owner_adapter.app import build as owner_adapter
-from postback_projection.app import build as projection
 from postback_projection.app import purge_old_bodies
 from postback_projection.rebuild import IncompleteHistory, Replay, rebuild
-from postback_routing.app import build as routing
-from postback_settlement.app import build as settlement
 from tests.helpers import (
+    EVERY_SERVICE,
     OPERATOR,
     bearer,
     client,
@@ -30,8 +25,6 @@ from tests.helpers import (
     receiver,
     running,
 )
-
-ALL = (ingress, routing, settlement, owner_adapter, delivery, projection)
 
 
 async def checksums(dsn: str) -> dict[str, tuple[int, str]]:
@@ -94,7 +87,7 @@ async def test_rebuilt_read_model_equals_the_live_one(settings):
     async with (
         owner_server() as owner_http,
         receiver([500]) as hooks,
-        running(settings, *ALL) as svcs,
+        running(settings, *EVERY_SERVICE) as svcs,
     ):
         http = client(svcs[0])
         owner = await create_account(http, ["owner"])
@@ -171,7 +164,7 @@ async def _delivered(http, consumer, rid):
 
 
 async def test_retention_purges_results_but_keeps_status(settings):
-    async with owner_server() as owner_http, running(settings, *ALL) as svcs:
+    async with owner_server() as owner_http, running(settings, *EVERY_SERVICE) as svcs:
         http = client(svcs[0])
         owner = await create_account(http, ["owner"])
         consumer = await create_account(http, ["consumer"])

@@ -8,13 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from postback_delivery.app import build as delivery
-from postback_ingress.app import build as ingress
-from postback_owner_adapter.app import build as owner_adapter
-from postback_projection.app import build as projection
-from postback_routing.app import build as routing
-from postback_settlement.app import build as settlement
 from tests.helpers import (
+    EVERY_SERVICE,
     bearer,
     client,
     create_account,
@@ -24,12 +19,15 @@ from tests.helpers import (
     running,
 )
 
-ALL = (ingress, routing, settlement, owner_adapter, delivery, projection)
 ROOT = Path(__file__).resolve().parents[2]
 
 
 async def test_calls_are_visible_to_their_consumer_and_owner_only(settings):
-    async with owner_server() as owner_http, receiver() as hooks, running(settings, *ALL) as svcs:
+    async with (
+        owner_server() as owner_http,
+        receiver() as hooks,
+        running(settings, *EVERY_SERVICE) as svcs,
+    ):
         http = client(svcs[0])
         owner = await create_account(http, ["owner"])
         stranger = await create_account(http, ["owner", "consumer"])
@@ -110,7 +108,7 @@ async def test_calls_are_visible_to_their_consumer_and_owner_only(settings):
 
 
 async def test_example_consumer_validates_and_prints_the_calls_topic(settings):
-    async with owner_server() as owner_http, running(settings, *ALL) as svcs:
+    async with owner_server() as owner_http, running(settings, *EVERY_SERVICE) as svcs:
         http = client(svcs[0])
         owner = await create_account(http, ["owner"])
         consumer = await create_account(http, ["consumer"])

@@ -6,13 +6,9 @@ from __future__ import annotations
 
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from postback_delivery.app import build as delivery
 from postback_ingress.app import build as ingress
-from postback_owner_adapter.app import build as owner_adapter
-from postback_projection.app import build as projection
-from postback_routing.app import build as routing
-from postback_settlement.app import build as settlement
 from tests.helpers import (
+    EVERY_SERVICE,
     OPERATOR,
     TopicReader,
     bearer,
@@ -23,8 +19,6 @@ from tests.helpers import (
     receiver,
     running,
 )
-
-ALL = (ingress, routing, settlement, owner_adapter, delivery, projection)
 
 
 async def caught_up(services) -> None:
@@ -48,7 +42,7 @@ async def test_rotated_secrets_sign_beside_the_old_ones_until_revoked(settings):
         receiver() as hooks,
         TopicReader(settings, "postback.accounts") as accounts_topic,
         TopicReader(settings, "postback.catalog") as catalog_topic,
-        running(settings, *ALL) as svcs,
+        running(settings, *EVERY_SERVICE) as svcs,
     ):
         http = client(svcs[0])
         owner = await create_account(http, ["owner"], "owner")

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from postback import INTERRUPTED
 from postback_libs.db import migrate, schema_for
 from postback_libs.settings import DEFAULT_PORTS, SERVICES, Settings
 from postback_libs.topics import ensure_topics
@@ -70,8 +69,9 @@ class Stack:
         self.pg: object | None = None
         self.kafka: object | None = None
         self.env: dict[str, str] = {}
-        # Set by Ctrl-C or SIGTERM: starting stops at the next step, running at the next tick.
-        self.stopping = False
+        # The signal (Ctrl-C or SIGTERM) that asked it to stop: starting stops at the next step,
+        # running at the next tick.
+        self.stopped_by: int | None = None
 
     def port(self, service: str) -> int:
         return self.base_port + DEFAULT_PORTS[service] - DEFAULT_PORTS["ingress"]
@@ -162,7 +162,7 @@ class Stack:
     def wait_ready(self, timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout
         pending = set(self.children)
-        while pending and not self.stopping:
+        while pending and self.stopped_by is None:
             for service in list(pending):
                 child = self.children[service]
                 assert child.proc is not None
@@ -263,12 +263,11 @@ def up(data_dir: Path, base_port: int, then: list[str] | None = None) -> int:
         _say(f"postback up: {problem}")
         return 2
 
-    stopped_by = INTERRUPTED
-
     def on_signal(signum: int, _: object) -> None:
-        nonlocal stopped_by
-        stack.stopping = True
-        stopped_by = 128 + signum  # 130 for Ctrl-C, 143 for SIGTERM, as shells report them
+        stack.stopped_by = signum
+
+    def stopped() -> int:  # 130 for Ctrl-C, 143 for SIGTERM, as shells report them
+        return 128 + (stack.stopped_by or 0)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -282,8 +281,8 @@ def up(data_dir: Path, base_port: int, then: list[str] | None = None) -> int:
         _say("Starting Postback")
         for step in starting:
             step()
-            if stack.stopping:
-                return stopped_by
+            if stack.stopped_by is not None:
+                return stopped()
         _say(f"Postback is ready: {stack.urls()} logs={stack.data_dir / 'logs'}")
         _say(f"  operator token in {stack.data_dir / 'operator-token'}; Ctrl-C stops everything")
         _say(f"  operator commands on this stack: set -a; . {write_env(stack)}; set +a")
@@ -291,13 +290,13 @@ def up(data_dir: Path, base_port: int, then: list[str] | None = None) -> int:
             result = subprocess.run(then, env=stack.env, check=False)  # noqa: S603
             if result.returncode != 0:
                 return result.returncode
-        while not stack.stopping:
+        while stack.stopped_by is None:
             stack.supervise_once()
             time.sleep(0.5)
         return 0
     except RuntimeError as e:
-        if stack.stopping:  # a step the same Ctrl-C interrupted: not a failure to report
-            return stopped_by
+        if stack.stopped_by is not None:  # a step the same Ctrl-C interrupted: no failure
+            return stopped()
         _say(f"postback up failed: {e}")
         return 1
     finally:

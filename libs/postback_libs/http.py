@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote_to_bytes
 
 from fastapi import FastAPI, Request
@@ -215,11 +215,45 @@ class App(FastAPI):
     ) -> None:
         """Answer `exc` as the app's exception handlers would (problem+json; a 500 for the
         unexpected, its stack trace logged)."""
-        handlers = self.exception_handlers
-        handler = next(handlers[c] for c in type(exc).__mro__ if c in handlers)
-        answer = handler(Request(scope, receive), exc)
-        response = await answer if inspect.isawaitable(answer) else answer
+        response = await _handled(self.exception_handlers, Request(scope, receive), exc)
         await response(scope, receive, send)
+
+
+async def _handled(handlers: dict[Any, Any], request: Request, exc: Exception) -> Response:
+    """The response the app's exception `handlers` give `exc`."""
+    handler = next(handlers[c] for c in type(exc).__mro__ if c in handlers)
+    answer = handler(request, exc)
+    response: Response = await answer if inspect.isawaitable(answer) else answer
+    return response
+
+
+Dependency = TypeVar("Dependency", bound=Callable[..., Any])
+
+
+def authenticates(dependency: Dependency) -> Dependency:
+    """Mark a route dependency that says who is calling; it takes the request alone.
+
+    FastAPI reads a JSON body before it solves a route's dependencies, so a body it cannot
+    read is refused before anyone is authenticated. The problem handlers run the marked
+    dependencies first in that case: a request without valid credentials is answered 401,
+    never told what was wrong with its body."""
+    dependency.authenticates = True  # type: ignore[attr-defined]
+    return dependency
+
+
+async def _refusal(request: Request) -> Response | None:
+    """The answer of the first of the matched route's authenticating dependencies that
+    refuses `request`, if one does."""
+    dependant = getattr(request.scope.get("route"), "dependant", None)
+    for dependency in dependant.dependencies if dependant is not None else ():
+        if getattr(dependency.call, "authenticates", False):
+            try:
+                checked = dependency.call(request)
+                if inspect.isawaitable(checked):
+                    await checked
+            except Exception as e:
+                return await _handled(request.app.exception_handlers, request, e)
+    return None
 
 
 def install_problem_handlers(app: FastAPI) -> None:
@@ -229,6 +263,10 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     async def on_validation(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
+        unread = any(e.get("type") == "json_invalid" for e in exc.errors())
+        refusal = await _refusal(request) if unread else None
+        if refusal is not None:
+            return refusal
         errors = [
             {"location": ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
             for e in exc.errors()
@@ -244,6 +282,18 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     async def on_http(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 400 and exc.__cause__ is not None:
+            # FastAPI's answer to a body its parser failed on (JSON nested past the parser's
+            # recursion limit, say): no dependency has run yet.
+            refusal = await _refusal(request)
+            if refusal is not None:
+                return refusal
+            return Problem(
+                400,
+                "unreadable-body",
+                "The body could not be read",
+                "send a JSON object (nested at most 64 levels deep)",
+            ).response(request.url.path)
         slug, title = _STATUS_SLUGS.get(exc.status_code, ("http-error", "Request failed"))
         detail = exc.detail if isinstance(exc.detail, str) and exc.detail != title else ""
         return Problem(exc.status_code, slug, title, detail).response(request.url.path)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends, Request
 
-from postback_libs.http import Problem
+from postback_libs.http import Problem, authenticates
 from postback_libs.signing import parse_api_key, secret_matches
 
 if TYPE_CHECKING:
@@ -210,20 +210,23 @@ def require_role(caller: Caller, role: str) -> None:
 
 class Guards:
     """Who may call a route, as FastAPI dependencies: `caller: Caller = Depends(guards.caller)`
-    for an account, `**guards.operator_only` for the operator. FastAPI solves dependencies
-    before it validates a body's fields, so a request without valid credentials is refused
-    (401) before any field of its body is judged (a body that is not JSON at all is still
-    answered 422 first)."""
+    for an account, `**guards.operator_only` for the operator. A request without valid
+    credentials is refused (401) before anything of its body is judged: FastAPI solves
+    dependencies before it validates a body's fields, and a body it cannot read at all is
+    answered only once these have run (`authenticates`)."""
 
     def __init__(self, service: Service) -> None:
         self._service = service
 
+    @authenticates
     async def caller(self, request: Request) -> Caller:
         return await authenticate(self._service.pool, request)
 
+    @authenticates
     async def current_key_caller(self, request: Request) -> Caller:
         return await authenticate_current_key(self._service.pool, request)
 
+    @authenticates
     async def operator(self, request: Request) -> None:
         require_operator(request, self._service.settings.operator_token.get_secret_value())
 
